@@ -1,0 +1,3 @@
+"""kvfs: the attention KV cache of LLM inference, mounted as plain files."""
+
+__version__ = "0.1.0"
