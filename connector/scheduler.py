@@ -1,0 +1,210 @@
+"""Scheduler side: find the longest cached prefix of each prompt, plan loads and saves.
+
+The scheduler never reads KV. It hashes each prompt into chunk links, checks
+which chunk files exist under the request's session (for every parallel
+rank), and tells the workers, step by step, which chunks to load into which
+blocks and which newly computed chunks to save.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from .keys import KeySpace, chain_root, derived_session, token_chain, valid_session
+from .plan import ChunkOp, StepPlan
+from .settings import Settings
+from .stats import Counters
+
+
+@dataclass
+class _Req:
+    session: str
+    prompt: list[int]
+    links: list[bytes]  # one per whole chunk of the prompt
+    root: bytes
+    store: bool
+    load: bool
+    block_size: int
+    hit_end: int = 0  # tokens [0, hit_end) are in the cache, as last looked up
+    local: int = 0  # tokens vLLM had in its own prefix cache, as last looked up
+    saved_chunks: int = 0  # chunks [0, saved_chunks) are stored or being stored
+    pending_load: tuple[int, int] | None = None  # (local tokens, external tokens)
+    hit_tokens: int = 0
+    miss_tokens: int = 0
+    counted: bool = False
+    block_ids: list[int] = field(default_factory=list)
+
+
+def request_options(params: dict | None) -> tuple[str | None, bool, bool]:
+    """(session, load, store) from a request's kv_transfer_params."""
+    params = params or {}
+    return (
+        params.get("kvfs_session"),
+        bool(params.get("kvfs_load", True)),
+        bool(params.get("kvfs_store", True)),
+    )
+
+
+class SchedulerSide:
+    def __init__(self, settings: Settings, spaces: list[KeySpace], block_size: int, log):
+        self.settings = settings
+        self.spaces = spaces  # one per (tp, pp) rank; files of all must exist for a hit
+        self.chunk = spaces[0].chunk_size
+        self.block_size = block_size
+        self.log = log
+        self.stats = Counters()
+        self._reqs: dict[str, _Req] = {}
+        self._kv_cache_manager = None
+
+    def bind(self, kv_cache_manager) -> None:
+        self._kv_cache_manager = kv_cache_manager
+
+    # -- lookups ---------------------------------------------------------------
+
+    def _state(self, request) -> _Req | None:
+        st = self._reqs.get(request.request_id)
+        if st is not None:
+            return st
+        prompt = request.prompt_token_ids
+        if prompt is None or getattr(request, "prompt_embeds", None) is not None:
+            return None  # no token ids to key the KV by
+        session, load, store = request_options(request.kv_transfer_params)
+        extra = []
+        if getattr(request, "lora_request", None) is not None:
+            extra.append(f"lora={request.lora_request.lora_name}")
+        for f in getattr(request, "mm_features", None) or []:
+            extra.append(f"mm={f.identifier}")
+        if getattr(request, "cache_salt", None):
+            extra.append(f"salt={request.cache_salt}")
+        prompt = list(prompt)
+        links = token_chain(prompt, self.chunk, extra)
+        if session is not None and not valid_session(session):
+            self.log.warning("kvfs: request %s: bad session name %r", request.request_id, session)
+            session = None
+        if session is None:
+            if not links:
+                return None  # shorter than a chunk: nothing to cache
+            session = derived_session(self.spaces[0].model, links[0])
+        st = _Req(session, prompt, links, chain_root(extra), store, load, self.block_size)
+        self._reqs[request.request_id] = st
+        return st
+
+    def _cached(self, st: _Req, index: int) -> bool:
+        d = os.path.join(self.settings.mount, st.session)
+        link = st.links[index]
+        return all(os.path.exists(os.path.join(d, s.file_name(index, link))) for s in self.spaces)
+
+    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
+        st = self._state(request)
+        if st is None or not st.load:
+            return 0, False
+        # At least the prompt's last token must be computed to sample from it.
+        max_chunks = (len(st.prompt) - 1) // self.chunk
+        i = num_computed_tokens // self.chunk
+        while i < max_chunks and self._cached(st, i):
+            i += 1
+        st.hit_end = i * self.chunk
+        st.local = num_computed_tokens
+        return max(0, st.hit_end - num_computed_tokens), False
+
+    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            return
+        local = st.local
+        if num_external_tokens > 0:
+            st.block_ids = list(blocks.get_block_ids()[0])
+            st.pending_load = (local, num_external_tokens)
+            st.saved_chunks = max(st.saved_chunks, (local + num_external_tokens) // self.chunk)
+        if not st.counted:
+            st.counted = True
+            st.hit_tokens = num_external_tokens
+            st.miss_tokens = max(0, len(st.prompt) - local - num_external_tokens)
+            self.stats.add("requests", 1)
+            self.stats.add("hit_tokens", st.hit_tokens)
+            self.stats.add("miss_tokens", st.miss_tokens)
+            self.log.info(
+                "kvfs: request %s session %s: %d prompt tokens, %d hit in the cache "
+                "(%d chunks), %d cached locally, %d to compute",
+                request.request_id,
+                st.session,
+                len(st.prompt),
+                st.hit_tokens,
+                st.hit_tokens // self.chunk,
+                local,
+                st.miss_tokens,
+            )
+
+    # -- the step's plan -------------------------------------------------------
+
+    def build_plan(self, scheduler_output) -> StepPlan:
+        plan = StepPlan()
+        bs = self.block_size
+        per_chunk = self.chunk // bs
+        for req_id, st in self._reqs.items():
+            if st.pending_load is None:
+                continue
+            local, external = st.pending_load
+            st.pending_load = None
+            for i in range(local // self.chunk, (local + external) // self.chunk):
+                blocks = st.block_ids[i * per_chunk : (i + 1) * per_chunk]
+                plan.loads.append(
+                    ChunkOp(
+                        req_id=req_id,
+                        session=st.session,
+                        index=i,
+                        link=st.links[i].hex(),
+                        parent=(st.links[i - 1] if i else st.root).hex(),
+                        block_ids=blocks,
+                        skip_blocks=max(0, local // bs - i * per_chunk),
+                    )
+                )
+
+        computed: dict[str, int] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            computed[new.req_id] = new.num_computed_tokens
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, n in zip(cached.req_ids, cached.num_computed_tokens, strict=False):
+            computed[req_id] = n
+        for req_id, before in computed.items():
+            st = self._reqs.get(req_id)
+            if st is None or not st.store:
+                continue
+            after = before + scheduler_output.num_scheduled_tokens.get(req_id, 0)
+            done = min(after, len(st.prompt)) // self.chunk
+            if done <= st.saved_chunks:
+                continue
+            block_ids = self._block_ids(req_id)
+            for i in range(st.saved_chunks, done):
+                blocks = block_ids[i * per_chunk : (i + 1) * per_chunk]
+                if len(blocks) < per_chunk:
+                    break
+                plan.saves.append(
+                    ChunkOp(
+                        req_id=req_id,
+                        session=st.session,
+                        index=i,
+                        link=st.links[i].hex(),
+                        parent=(st.links[i - 1] if i else st.root).hex(),
+                        block_ids=blocks,
+                        tokens=st.prompt[i * self.chunk : (i + 1) * self.chunk],
+                    )
+                )
+            st.saved_chunks = done
+        return plan
+
+    def _block_ids(self, req_id: str) -> list[int]:
+        if self._kv_cache_manager is None:
+            return []
+        return list(self._kv_cache_manager.get_block_ids(req_id)[0])
+
+    def request_finished(self, request) -> dict | None:
+        st = self._reqs.pop(request.request_id, None)
+        if st is None:
+            return None
+        return {
+            "kvfs_session": st.session,
+            "kvfs_hit_tokens": st.hit_tokens,
+            "kvfs_miss_tokens": st.miss_tokens,
+        }

@@ -1,0 +1,369 @@
+"""Worker side: move KV between vLLM's paged cache and chunk files on the mount.
+
+Loads run in a background thread, layer by layer: the attention of layer i
+waits only until layer i of every chunk is in place. Saves copy the finished
+chunks' blocks out of the paged cache as each layer completes (the only cost
+the forward pass pays), and a background writer turns them into files.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import threading
+import time
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from .chunkfile import ChunkError, ChunkFile, encode_tokens, tensor_bytes, write_chunk
+from .keys import FORMAT, KeySpace
+from .plan import ChunkOp, StepPlan
+from .settings import Settings
+from .stats import Counters, KVFSStats
+
+XATTR_PREFIX = "user.connector."
+
+
+def expected_metadata(space: KeySpace, op: ChunkOp) -> dict[str, str]:
+    """Header fields a chunk file must carry to be loaded for `op` under `space`."""
+    return {
+        "format": FORMAT,
+        "key": space.file_key(bytes.fromhex(op.link)),
+        "model": space.model,
+        "dtype": space.dtype,
+        "layout": space.layout,
+        "chunk_tokens": str(space.chunk_size),
+        "tp_rank": str(space.tp_rank),
+        "tp_size": str(space.tp_size),
+        "pp_rank": str(space.pp_rank),
+        "pp_size": str(space.pp_size),
+        "link": op.link,
+        "parent": op.parent,
+    }
+
+
+@dataclass
+class _SaveJob:
+    op: ChunkOp
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
+
+
+class ChunkWriter:
+    """A background thread that writes chunk files; bounded by bytes in flight."""
+
+    def __init__(self, mount: str, space: KeySpace, settings: Settings, stats: Counters, log):
+        self._mount = mount
+        self._space = space
+        self._settings = settings
+        self._stats = stats
+        self._log = log
+        self._queue: queue.Queue[_SaveJob | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._run, name="kvfs-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _SaveJob) -> bool:
+        with self._lock:
+            if self._pending + job.nbytes > self._settings.max_pending_save_bytes:
+                return False
+            self._pending += job.nbytes
+        self._queue.put(job)
+        return True
+
+    def flush(self) -> None:
+        """Wait until every submitted chunk is written."""
+        self._queue.join()
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    def _run(self) -> None:
+        while True:
+            job = self._queue.get()
+            try:
+                if job is None:
+                    return
+                self._write(job)
+            except Exception:  # never let one bad write end the writer
+                self._stats.add("save_errors", 1)
+                self._log.exception("kvfs: writing a chunk failed")
+            finally:
+                if job is not None:
+                    with self._lock:
+                        self._pending -= job.nbytes
+                self._queue.task_done()
+
+    def _write(self, job: _SaveJob) -> None:
+        op, space = job.op, self._space
+        session_dir = os.path.join(self._mount, op.session)
+        name = space.file_name(op.index, bytes.fromhex(op.link))
+        path = os.path.join(session_dir, name)
+        if os.path.exists(path):
+            self._stats.add("save_skipped", 1)
+            return
+        t0 = time.perf_counter()
+        os.makedirs(session_dir, exist_ok=True)
+        start = op.index * space.chunk_size
+        meta = expected_metadata(space, op)
+        meta.update(
+            session=op.session,
+            chunk_index=str(op.index),
+            start=str(start),
+            end=str(start + space.chunk_size),
+            layers=",".join(job.tensors),
+            tokens=encode_tokens(op.tokens),
+        )
+        n = write_chunk(path, job.tensors, meta)
+        if self._settings.set_xattrs:
+            _label(path, space, start)
+        self._stats.add("save_write_seconds", time.perf_counter() - t0)
+        self._stats.add("saved_tokens", space.chunk_size)
+        self._stats.add("saved_bytes", n)
+
+
+def _label(path: str, space: KeySpace, start: int) -> None:
+    """Attributes that `getfattr -d` shows a person looking at a chunk."""
+    labels = {
+        "model": space.model,
+        "tokens": f"{start}-{start + space.chunk_size}",
+        "rank": space.rank_tag(),
+        "dtype": space.dtype,
+    }
+    for k, v in labels.items():
+        try:
+            os.setxattr(path, XATTR_PREFIX + k, v.encode())
+        except OSError:
+            return  # a store without user xattrs: labels are a convenience only
+
+
+class WorkerSide:
+    """Per-worker state: the paged cache, the loads of this step, the writer."""
+
+    def __init__(self, settings: Settings, space: KeySpace, log):
+        self.settings = settings
+        self.space = space
+        self.log = log
+        self.stats = Counters()
+        self.kv_caches: dict[str, torch.Tensor] = {}
+        self._errors: set[int] = set()
+        self._errors_lock = threading.Lock()
+        self._loader: threading.Thread | None = None
+        self._layer_ready: dict[str, threading.Event] = {}
+        self._staged: dict[int, dict[str, torch.Tensor]] = {}
+        self._stall = 0.0
+        self.writer = ChunkWriter(settings.mount, space, settings, self.stats, log)
+        # Daemon threads die at exit: finish writing first.
+        ref = weakref.ref(self)
+        atexit.register(lambda: ref() is not None and ref().shutdown())
+
+    # -- setup ---------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self.kv_caches = dict(kv_caches)
+        if len(self.kv_caches) != self.space.num_layers:
+            self.log.warning(
+                "kvfs: %d KV layers registered, the model config says %d",
+                len(self.kv_caches),
+                self.space.num_layers,
+            )
+        shapes = {tuple(t.shape[1:]) for t in self.kv_caches.values()}
+        self.log.info(
+            "kvfs: %d layers, block shape %s, dtype %s, %s, chunks of %d tokens under %s",
+            len(self.kv_caches),
+            sorted(shapes),
+            self.space.dtype,
+            self.space.rank_tag(),
+            self.space.chunk_size,
+            self.settings.mount,
+        )
+
+    def _ensure_layers(self, forward_context) -> None:
+        if self.kv_caches or forward_context is None:
+            return
+        for name, layer in forward_context.no_compile_layers.items():
+            kv = getattr(layer, "kv_cache", None)
+            if isinstance(kv, torch.Tensor):
+                self.kv_caches[name] = kv
+
+    # -- loading -------------------------------------------------------------
+
+    def start_load(self, plan: StepPlan, forward_context) -> None:
+        if not plan.loads:
+            return
+        self._ensure_layers(forward_context)
+        self._layer_ready = {name: threading.Event() for name in self.kv_caches}
+        ops = list(plan.loads)
+        if self.settings.layerwise_load:
+            self._loader = threading.Thread(
+                target=self._load, args=(ops,), name="kvfs-loader", daemon=True
+            )
+            self._loader.start()
+        else:
+            self._load(ops)
+
+    def wait_for_layer(self, layer_name: str) -> None:
+        ev = self._layer_ready.get(layer_name)
+        if ev is not None:
+            ev.wait()
+
+    def finish_load(self) -> None:
+        if self._loader is not None:
+            self._loader.join()
+            self._loader = None
+        self._layer_ready = {}
+
+    def take_load_errors(self) -> set[int]:
+        self.finish_load()
+        with self._errors_lock:
+            out, self._errors = self._errors, set()
+        return out
+
+    def _fail(self, op: ChunkOp, why: str) -> None:
+        self.log.warning(
+            "kvfs: chunk %d of request %s (session %s) not loaded, will recompute: %s",
+            op.index,
+            op.req_id,
+            op.session,
+            why,
+        )
+        self.stats.add("load_errors", 1)
+        with self._errors_lock:
+            self._errors.update(op.block_ids[op.skip_blocks :])
+
+    def _load(self, ops: list[ChunkOp]) -> None:
+        t0 = time.perf_counter()
+        files: dict[int, ChunkFile] = {}
+        failed_reqs: set[str] = set()
+        layers = list(self.kv_caches)
+        try:
+            for i, op in enumerate(ops):
+                if op.req_id in failed_reqs:
+                    continue  # the scheduler recomputes from the first failed chunk on
+                try:
+                    files[i] = self._open(op)
+                except ChunkError as e:
+                    self._fail(op, e.reason)
+                    failed_reqs.add(op.req_id)
+            for layer in layers:
+                kv = self.kv_caches[layer]
+                for i, f in list(files.items()):
+                    op = ops[i]
+                    if op.req_id in failed_reqs:
+                        f.close()
+                        del files[i]
+                        continue
+                    try:
+                        self._read_layer(f, op, layer, kv)
+                    except ChunkError as e:
+                        self._fail(op, e.reason)
+                        failed_reqs.add(op.req_id)
+                        f.close()
+                        del files[i]
+                self._layer_ready[layer].set()
+            for i, f in files.items():
+                op = ops[i]
+                n_blocks = len(op.block_ids) - op.skip_blocks
+                self.stats.add("loaded_tokens", n_blocks * self._block_tokens(layers))
+                self.stats.add("loaded_bytes", os.fstat(f.fd).st_size)
+        except Exception as e:  # a bug or an I/O error: a miss, never a crash
+            self.log.exception("kvfs: loading failed")
+            for op in ops:
+                if op.req_id not in failed_reqs:
+                    self._fail(op, f"unexpected error: {e!r}")
+                    failed_reqs.add(op.req_id)
+        finally:
+            for f in files.values():
+                f.close()
+            for ev in self._layer_ready.values():
+                ev.set()
+            self.stats.add("load_seconds", time.perf_counter() - t0)
+
+    def _block_tokens(self, layers: list[str]) -> int:
+        return self.kv_caches[layers[0]].shape[2] if layers else 0
+
+    def _open(self, op: ChunkOp) -> ChunkFile:
+        name = self.space.file_name(op.index, bytes.fromhex(op.link))
+        f = ChunkFile(os.path.join(self.settings.mount, op.session, name))
+        try:
+            f.expect(expected_metadata(self.space, op))
+            for layer, kv in self.kv_caches.items():
+                f.expect_tensor(layer, kv.dtype, [len(op.block_ids), *kv.shape[1:]])
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def _read_layer(self, f: ChunkFile, op: ChunkOp, layer: str, kv: torch.Tensor) -> None:
+        blocks = op.block_ids
+        if kv.device.type == "cpu" and all(kv[b].is_contiguous() for b in blocks[:1]):
+            # Straight from the file into the paged blocks. Blocks computed
+            # locally get their (identical) bytes read into a scratch buffer.
+            dests = []
+            for j, b in enumerate(blocks):
+                if j < op.skip_blocks:
+                    dests.append(memoryview(bytearray(kv[b].numel() * kv.element_size())))
+                else:
+                    dests.append(tensor_bytes(kv[b]))
+            f.read_into(layer, dests, self.settings.verify_checksum)
+        else:
+            staged = f.read_tensor(layer, self.settings.verify_checksum)
+            idx = torch.tensor(blocks[op.skip_blocks :], device=kv.device)
+            kv.index_copy_(0, idx, staged[op.skip_blocks :].to(kv.device))
+
+    # -- saving --------------------------------------------------------------
+
+    def save_layer(self, plan: StepPlan, layer_name: str, kv_layer: torch.Tensor) -> None:
+        if not plan.saves:
+            return
+        t0 = time.perf_counter()
+        for i, op in enumerate(plan.saves):
+            idx = torch.tensor(op.block_ids, device=kv_layer.device)
+            staged = kv_layer.index_select(0, idx)
+            if staged.device.type != "cpu":
+                staged = staged.cpu()
+            self._staged.setdefault(i, {})[layer_name] = staged
+        self._stall += time.perf_counter() - t0
+
+    def submit_saves(self, plan: StepPlan) -> None:
+        if not plan.saves:
+            return
+        t0 = time.perf_counter()
+        layers = list(self.kv_caches)
+        for i, op in enumerate(plan.saves):
+            tensors = self._staged.pop(i, {})
+            if set(tensors) != set(layers):
+                self.log.warning(
+                    "kvfs: chunk %d of %s saw %d of %d layers, not saved",
+                    op.index,
+                    op.req_id,
+                    len(tensors),
+                    len(layers),
+                )
+                self.stats.add("save_errors", 1)
+                continue
+            ordered = {name: tensors[name] for name in layers}
+            nbytes = sum(t.numel() * t.element_size() for t in ordered.values())
+            if not self.writer.submit(_SaveJob(op, ordered, nbytes)):
+                self.stats.add("save_dropped", 1)
+                self.log.warning("kvfs: writer behind, chunk %d of %s dropped", op.index, op.req_id)
+        self._staged.clear()
+        self._stall += time.perf_counter() - t0
+        self.stats.add("save_stall_seconds", self._stall)
+        self._stall = 0.0
+
+    # -- reporting and shutdown ----------------------------------------------
+
+    def take_stats(self) -> KVFSStats | None:
+        return self.stats.take()
+
+    def shutdown(self) -> None:
+        self.finish_load()
+        self.writer.flush()
+        self.writer.close()
