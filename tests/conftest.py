@@ -1,13 +1,159 @@
-"""Shared fixtures: a real etcd, a real kvfs mount."""
+"""Shared fixtures: a real etcd (one node, or three on loopback) and real kvfs mounts.
+
+Mounts run `kvfs mount` as a user would, in its own process; each test gets
+its own store directory and its own etcd key prefix, so tests never see each
+other's entries while sharing one etcd server.
+"""
 
 import json
+import os
+import shutil
+import signal
+import socket
 import subprocess
-from dataclasses import dataclass
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+KVFS = [sys.executable, "-m", "kvfs.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    cluster: str
+    proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, new: bool = True):
+        cmd = [
+            "etcd",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            f"http://{self.endpoint}",
+            "--advertise-client-urls",
+            f"http://{self.endpoint}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{self.peer_port}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{self.peer_port}",
+            "--initial-cluster",
+            self.cluster,
+            "--initial-cluster-state",
+            "new",
+            "--heartbeat-interval",
+            "10",
+            "--election-timeout",
+            "100",
+        ]
+        log = open(self.data_dir.parent / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def healthy(self) -> bool:
+        r = subprocess.run(
+            ["etcdctl", "--endpoints", self.endpoint, "--command-timeout=1s", "endpoint", "health"],
+            capture_output=True,
+            env={**os.environ, "ETCDCTL_API": "3"},
+        )
+        return r.returncode == 0
+
+
+class EtcdCluster:
+    def __init__(self, base: Path, size: int):
+        names = [f"m{i}" for i in range(size)]
+        ports = [(free_port(), free_port()) for _ in names]
+        cluster = ",".join(f"{n}=http://127.0.0.1:{p}" for n, (_, p) in zip(names, ports))
+        self.members = [EtcdMember(n, c, p, base / n, cluster) for n, (c, p) in zip(names, ports)]
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self):
+        for m in self.members:
+            m.data_dir.mkdir(parents=True, exist_ok=True)
+            m.start()
+        wait_for(lambda: all(m.healthy() for m in self.members), 30, 0.1, "etcd healthy")
+        return self
+
+    def leader(self) -> EtcdMember:
+        for m in self.members:
+            if m.proc is None:
+                continue
+            r = subprocess.run(
+                ["etcdctl", "--endpoints", m.endpoint, "endpoint", "status", "-w", "json"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "ETCDCTL_API": "3"},
+            )
+            if r.returncode == 0:
+                st = json.loads(r.stdout)[0]["Status"]
+                if st["leader"] == st["header"]["member_id"]:
+                    return m
+        raise AssertionError("no etcd leader")
+
+    def stop(self):
+        for m in self.members:
+            m.stop()
+
+
+@pytest.fixture(scope="session")
+def etcd(tmp_path_factory):
+    """One real etcd server for the whole run."""
+    if shutil.which("etcd") is None:
+        pytest.fail("etcd is not installed (tools/setup.sh installs it)")
+    c = EtcdCluster(tmp_path_factory.mktemp("etcd"), 1).start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def etcd_cluster(tmp_path):
+    """A fresh three-member etcd cluster on loopback."""
+    c = EtcdCluster(tmp_path / "etcd3", 3).start()
+    yield c
+    c.stop()
 
 
 @dataclass
@@ -15,20 +161,109 @@ class Mount:
     """A mounted kvfs as a test sees it."""
 
     path: Path
+    store: Path
+    etcd: str
+    prefix: str
+    state_dir: Path
+    args: list = field(default_factory=list)
+    pid: int | None = None
 
     def status(self) -> dict:
         out = subprocess.run(
-            [str(ROOT / ".venv/bin/kvfs"), "status", "--json", str(self.path)],
-            check=True,
-            capture_output=True,
-            text=True,
+            KVFS + ["status", "--json", str(self.path)], check=True, capture_output=True, text=True
         ).stdout
         return json.loads(out)
 
+    def log(self) -> str:
+        p = self.state_dir / "kvfs.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def mount(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+        cmd = KVFS + [
+            "mount",
+            str(self.path),
+            "--store",
+            f"local:{self.store}",
+            "--state-dir",
+            str(self.state_dir),
+            "--etcd-prefix",
+            self.prefix,
+        ]
+        if self.etcd:
+            cmd += ["--etcd", self.etcd]
+        r = subprocess.run(cmd + self.args, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise AssertionError(f"kvfs mount failed: {r.stdout}{r.stderr}\n{self.log()}")
+        self.pid = self.status()["pid"]
+        return self
+
+    def umount(self):
+        if not os.path.ismount(self.path) and self.pid is None:
+            return
+        r = subprocess.run(
+            KVFS + ["umount", str(self.path)], capture_output=True, text=True, timeout=60
+        )
+        if r.returncode != 0 or os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.pid = None
+
+    def kill(self):
+        """SIGKILL the daemon and clear its dead mount, as an operator would."""
+        os.kill(self.pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(self.pid), 10, what="daemon death")
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        self.pid = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
 
 @pytest.fixture
-def kvfs_mount(tmp_path):
-    # Placeholder until the daemon lands: a plain directory with the same shape.
-    d = tmp_path / "kvcache"
-    d.mkdir()
-    yield Mount(d)
+def make_mount(tmp_path, etcd, request):
+    """Mount kvfs instances; all share this test's etcd prefix unless told otherwise."""
+    mounts = []
+    prefix = f"/t-{uuid.uuid4().hex[:8]}/"
+
+    def make(*args, store=None, etcd_endpoints=None, name=None, private_etcd=False):
+        i = len(mounts)
+        m = Mount(
+            path=tmp_path / (name or f"mnt{i}"),
+            store=Path(store) if store else tmp_path / "store",
+            etcd="" if private_etcd else (etcd_endpoints or etcd.endpoints),
+            prefix=prefix,
+            state_dir=tmp_path / f"state{i}",
+            args=list(args),
+        )
+        mounts.append(m)
+        return m.mount()
+
+    yield make
+    errors = []
+    for m in mounts:
+        m.umount()
+        text = m.log()
+        if "Traceback" in text and "allow_traceback" not in request.keywords:
+            errors.append(f"{m.path}: daemon log has a traceback:\n{text[-4000:]}")
+    if errors:
+        pytest.fail("\n".join(errors))
+
+
+@pytest.fixture
+def kvfs_mount(make_mount):
+    """One live kvfs mount (a real FUSE filesystem backed by a real etcd)."""
+    return make_mount()

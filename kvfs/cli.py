@@ -1,0 +1,278 @@
+"""The `kvfs` command line: mount, umount, gc, status, recover."""
+
+import argparse
+import errno
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+from .config import load_config
+from .errors import KvfsError
+
+log = logging.getLogger("kvfs")
+
+
+def setup_logging(debug: bool) -> None:
+    # journald adds its own timestamps; a terminal wants them
+    fmt = "%(levelname)s %(name)s: %(message)s"
+    if not os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(asctime)s " + fmt
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO, format=fmt, stream=sys.stderr
+    )
+    for noisy in ("grpc", "pyetcd"):
+        logging.getLogger(noisy).setLevel(logging.WARNING if not debug else logging.INFO)
+
+
+def _mount_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("mountpoint")
+    p.add_argument("--config", "-c", help="JSON config file (the original's keys accepted)")
+    p.add_argument("--store", help="backing store, e.g. local:/var/lib/kvfs/store")
+    p.add_argument("--etcd", help="etcd endpoints HOST:PORT[,HOST:PORT...]; none = private etcd")
+    p.add_argument("--ttl", help="seconds an entry lives after its last mtime (default 86400)")
+    p.add_argument("--cleanup-interval", help="seconds between expiry passes (default 3600)")
+    p.add_argument("--capacity", help="bytes the store may hold (K/M/G suffixes); LRU eviction")
+    p.add_argument("--state-dir", help="where the default store and logs live")
+    p.add_argument("--etcd-prefix", help="key prefix in etcd (default /kvfs/)")
+    p.add_argument("--etcd-ca-cert", help="CA certificate for etcd over TLS")
+    p.add_argument("--etcd-cert", help="client certificate for etcd")
+    p.add_argument("--etcd-key", help="client key for etcd")
+    p.add_argument("--etcd-user", help="etcd user (password from KVFS_ETCD_PASSWORD)")
+    p.add_argument(
+        "--no-touch-on-read", action="store_true", help="reads do not extend an entry's life"
+    )
+    p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
+    p.add_argument("--allow-other", action="store_true", help="let other users use the mount")
+    p.add_argument("--debug", action="store_true", help="log every decision")
+    p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+
+
+def _config_from(args):
+    over = {
+        "store": args.store,
+        "etcd": args.etcd,
+        "ttl": args.ttl,
+        "cleanup_interval": args.cleanup_interval,
+        "capacity": args.capacity,
+        "state_dir": args.state_dir,
+        "etcd_prefix": args.etcd_prefix,
+        "etcd_ca_cert": args.etcd_ca_cert,
+        "etcd_cert": args.etcd_cert,
+        "etcd_key": args.etcd_key,
+        "etcd_user": args.etcd_user,
+        "allow_other": True if args.allow_other else None,
+        "touch_on_read": False if args.no_touch_on_read else None,
+        "debug": True if args.debug else None,
+    }
+    return load_config(args.config, overrides=over)
+
+
+def cmd_mount(args) -> int:
+    cfg = _config_from(args)
+    mnt = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mnt):
+        raise KvfsError(f"mountpoint {mnt} is not a directory")
+    if os.path.ismount(mnt):
+        raise KvfsError(f"{mnt} is already a mount point")
+    if not args.foreground:
+        return _spawn_background(args, cfg)
+    setup_logging(cfg.debug)
+    import trio
+
+    from .daemon import Daemon
+
+    d = Daemon(cfg, mnt)
+    d.open_backends()
+
+    def ready():
+        if args.ready_fd is not None:
+            os.write(args.ready_fd, b"ready\n")
+            os.close(args.ready_fd)
+
+    try:
+        trio.run(d.serve, ready)
+    finally:
+        d.close_backends()
+    log.info("unmounted %s", mnt)
+    return 0
+
+
+def _spawn_background(args, cfg) -> int:
+    r, w = os.pipe()
+    argv = [sys.executable, "-m", "kvfs.cli"] + [a for a in sys.argv[1:]]
+    argv += ["--foreground", "--ready-fd", str(w)]
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    logpath = os.path.join(cfg.state_dir, "kvfs.log")
+    with open(logpath, "ab") as logf:
+        proc = subprocess.Popen(
+            argv,
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            stdout=logf,
+            stderr=logf,
+            start_new_session=True,
+        )
+    os.close(w)
+    with os.fdopen(r, "rb") as rf:
+        line = rf.readline()
+    if line.strip() == b"ready":
+        print(f"kvfs: mounted {os.path.abspath(args.mountpoint)} (pid {proc.pid}, log {logpath})")
+        return 0
+    proc.wait()
+    with open(logpath, "rb") as f:
+        tail = f.read()[-3000:].decode(errors="replace")
+    sys.stderr.write(tail)
+    raise KvfsError(f"the daemon exited with status {proc.returncode} before the mount was ready")
+
+
+def read_status(mountpoint: str) -> dict:
+    try:
+        raw = os.getxattr(mountpoint, "user.kvfs.status")
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
+            raise KvfsError(f"{mountpoint} is not a kvfs mount") from None
+        raise KvfsError(f"{mountpoint}: {os.strerror(exc.errno)}") from None
+    return json.loads(raw)
+
+
+def cmd_status(args) -> int:
+    st = read_status(args.mountpoint)
+    if args.json:
+        print(json.dumps(st, indent=2))
+        return 0
+    s = st["store"]
+    print(f"kvfs {st['version']} at {st['mountpoint']} (pid {st['pid']}, node {st['node']})")
+    cap = s["capacity"] if s["capacity"] is not None else s["medium_total"]
+    print(f"store     {s['url']}: {s['entries']} files, {_h(s['used'])} used of {_h(cap)}")
+    c = st["counters"]
+    print(f"read      {c['files_read']} files, {_h(c['bytes_read'])}")
+    print(f"written   {c['files_written']} files, {_h(c['bytes_written'])}, {c['commits']} commits")
+    print(
+        f"removed   {c['deletes']} deletes, {c['expiries']} expired, "
+        f"{c['evictions']} evicted, {c['corrupt']} corrupt reads"
+    )
+    for level in ("session", "layer", "recent"):
+        lv = st["cache"][level]
+        print(f"cache     {level:8} {lv['hits']} hits, {lv['misses']} misses")
+    e = st["etcd"]
+    for ep in e["endpoints"]:
+        state = "healthy" if ep.get("healthy") else f"DOWN ({ep.get('error')})"
+        print(f"etcd      {ep['endpoint']} {state}{' (in use)' if ep.get('in_use') else ''}")
+    print(f"etcd      watch {e['watch']}, {e['errors']} errors, {e['failovers']} failovers")
+    return 0
+
+
+def _h(n) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_gc(args) -> int:
+    before = read_status(args.mountpoint)["counters"]["expiries"]
+    try:
+        os.setxattr(args.mountpoint, "user.kvfs.control.gc", b"1")
+    except OSError as exc:
+        raise KvfsError(f"gc: {os.strerror(exc.errno)}") from None
+    after = read_status(args.mountpoint)["counters"]["expiries"]
+    print(f"kvfs: expired {after - before} entries")
+    return 0
+
+
+def cmd_umount(args) -> int:
+    mnt = os.path.abspath(args.mountpoint)
+    pid = None
+    try:
+        pid = read_status(mnt)["pid"]
+    except KvfsError:
+        pass
+    from .daemon import unmount
+
+    try:
+        unmount(mnt)
+    except KvfsError as exc:
+        if "not connected" in str(exc) or "Transport endpoint" in str(exc):
+            unmount(mnt, lazy=True)  # the daemon died: clear its dead mount
+        else:
+            raise
+    if pid is not None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvfs", description=__doc__)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    m = sub.add_parser("mount", help="mount the KV cache filesystem")
+    _mount_args(m)
+    m.set_defaults(fn=cmd_mount)
+    u = sub.add_parser("umount", help="unmount and stop the daemon")
+    u.add_argument("mountpoint")
+    u.set_defaults(fn=cmd_umount)
+    g = sub.add_parser("gc", help="expire idle entries now")
+    g.add_argument("mountpoint")
+    g.set_defaults(fn=cmd_gc)
+    s = sub.add_parser("status", help="store use, counters, cache hits, etcd health")
+    s.add_argument("mountpoint")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_status)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except KvfsError as exc:
+        print(f"kvfs: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def mount_helper(argv=None) -> int:
+    """mount.kvfs SOURCE MOUNTPOINT [-o opts]: for mount(8) and /etc/fstab."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        print("usage: mount.kvfs SOURCE MOUNTPOINT [-o OPTIONS]", file=sys.stderr)
+        return 1
+    _source, mnt, rest = argv[0], argv[1], argv[2:]
+    out = ["mount", mnt]
+    if "-o" in rest:
+        for opt in rest[rest.index("-o") + 1].split(","):
+            key, _, val = opt.partition("=")
+            if key in (
+                "rw",
+                "defaults",
+                "auto",
+                "noauto",
+                "nofail",
+                "_netdev",
+                "user",
+                "dev",
+                "suid",
+                "exec",
+                "nodev",
+                "nosuid",
+                "noexec",
+            ) or key.startswith("x-"):
+                continue
+            out += [f"--{key.replace('_', '-')}"] + ([val] if val else [])
+    return main(out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Staged writes and the commit protocol.
+
+A file being written is a PendingFile: a staged store object whose data
+starts at HEADER_SIZE. On the last close the commit runs, in this order:
+  1. checksum the bytes (kept up to date while writes arrive in order),
+  2. write the self-describing header, make the object durable and visible
+     in the store under a fresh key (a new object per version),
+  3. publish the entry in etcd in one transaction,
+  4. delete the object of the version it replaced.
+A crash before 3 leaves only an unreferenced object (swept later); after 3
+the new version is whole. Readers only ever see objects named by etcd.
+"""
+
+import zlib
+
+from .errors import NoSpace
+from .objects import HEADER_SIZE, RunningChecksum, checksum, new_object_key
+from .store import Store
+
+COPY_CHUNK = 8 << 20
+
+
+class PendingFile:
+    """A version under construction. Methods block: call them from a worker thread."""
+
+    def __init__(
+        self,
+        store: Store,
+        session: str,
+        name: str,
+        *,
+        mode: int,
+        uid: int,
+        gid: int,
+        xattrs: dict | None = None,
+        capacity: int | None = None,
+    ):
+        self.store = store
+        self.session = session
+        self.name = name
+        self.mode = mode
+        self.uid = uid
+        self.gid = gid
+        self.xattrs = dict(xattrs or {})
+        self.capacity = capacity
+        self.mtime_ns: int | None = None  # set by utimens before the commit
+        self.version, self.key = new_object_key()
+        self.writer = store.writer(self.key)
+        self.crc = RunningChecksum()
+        self.size = 0
+        self.dirty = False
+        self.closed = False
+
+    def _check_room(self, end: int) -> None:
+        if self.capacity is not None and end > self.capacity:
+            raise NoSpace(f"{self.session}/{self.name}: {end} bytes exceed the store capacity")
+
+    def copy_from(self, reader, size: int) -> None:
+        """Start from an existing version's bytes (copy-on-write of a committed file)."""
+        self._check_room(size)
+        off = 0
+        while off < size:
+            chunk = reader.pread(min(COPY_CHUNK, size - off), HEADER_SIZE + off)
+            if not chunk:
+                break
+            self.writer.pwrite(chunk, HEADER_SIZE + off)
+            self.crc.update(chunk, off)
+            off += len(chunk)
+        self.size = off
+
+    def write(self, data, offset: int) -> int:
+        end = offset + len(data)
+        self._check_room(end)
+        n = self.writer.pwrite(data, HEADER_SIZE + offset)
+        self.crc.update(data, offset)
+        if end > self.size:
+            self.size = end
+        self.dirty = True
+        return n
+
+    def read(self, size: int, offset: int) -> bytes:
+        size = max(0, min(size, self.size - offset))
+        if size == 0:
+            return b""
+        return self.writer.pread(size, HEADER_SIZE + offset)
+
+    def truncate(self, size: int) -> None:
+        self._check_room(size)
+        self.writer.truncate(HEADER_SIZE + size)
+        self.crc.truncated(size)
+        self.size = size
+        self.dirty = True
+
+    def checksum(self) -> str:
+        if self.crc.valid and self.crc.upto == self.size:
+            return checksum(self.crc.crc)
+        crc, off = 0, 0
+        while off < self.size:
+            chunk = self.writer.pread(min(COPY_CHUNK, self.size - off), HEADER_SIZE + off)
+            if not chunk:
+                break
+            crc = zlib.crc32(chunk, crc)
+            off += len(chunk)
+        # short staged bytes mean a sparse tail: zeros
+        while off < self.size:
+            n = min(COPY_CHUNK, self.size - off)
+            crc = zlib.crc32(bytes(n), crc)
+            off += n
+        return checksum(crc)
+
+    def finish(self, header: bytes) -> None:
+        """Write the header and make the object durable and visible."""
+        if self.writer.size() < HEADER_SIZE + self.size:
+            self.writer.truncate(HEADER_SIZE + self.size)
+        self.writer.pwrite(header, 0)
+        self.writer.commit()
+        self.closed = True
+
+    def abort(self) -> None:
+        if not self.closed:
+            self.writer.abort()
+            self.closed = True

@@ -1,0 +1,166 @@
+"""Settings: defaults, a JSON config file (the original's keys accepted), flags.
+
+Precedence: flags > environment (KVFS_*) > config file > defaults.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field, fields
+
+from .errors import KvfsError
+
+DEFAULT_STATE_DIR = "/var/lib/kvfs"
+
+
+@dataclass
+class Config:
+    store: str = ""  # "local:DIR"; default DIR is STATE_DIR/store
+    etcd: list = field(default_factory=list)  # HOST:PORT...; empty = a private etcd
+    etcd_prefix: str = "/kvfs/"
+    etcd_timeout: float = 3.0
+    etcd_ca_cert: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_user: str | None = None
+    etcd_password: str | None = None
+    ttl: float = 86400.0  # kv_expire_time
+    cleanup_interval: float = 3600.0
+    capacity: int | None = None
+    touch_on_read: bool = True
+    touch_interval: float = 60.0
+    state_dir: str = DEFAULT_STATE_DIR
+    allow_other: bool = False
+    read_ahead_kb: int = 1024
+    cache_sessions: int = 1024
+    cache_layers: int = 65536
+    cache_recent: int = 1024
+    durable: bool = True
+    enable_ssd_caching: bool = False
+    ssd_cache_dir: str | None = None
+    enable_prefetch: bool = True
+    debug: bool = False
+
+    def store_spec(self) -> str:
+        return self.store or f"local:{os.path.join(self.state_dir, 'store')}"
+
+
+# The original project's kv_transfer_config keys, mapped onto ours.
+_ORIGINAL = {
+    "kv_expire_time": "ttl",
+    "cleanup_interval": "cleanup_interval",
+    "etcd_endpoints": "etcd",
+    "enable_ssd_caching": "enable_ssd_caching",
+    "ssd_cache_dir": "ssd_cache_dir",
+    "enable_prefetch": "enable_prefetch",
+}
+_STORE_KEYS = {"storage_type", "local_dir", "crail_dir", "storage_dir"}
+
+
+def _coerce(name: str, value, where: str):
+    f = {f.name: f for f in fields(Config)}.get(name)
+    if f is None:
+        raise KvfsError(f"{where}: unknown setting {name!r}")
+    t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if name == "etcd":
+            if isinstance(value, str):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError("expected a list of HOST:PORT")
+            return value
+        if t.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError("expected true or false")
+            if not isinstance(value, bool):
+                raise ValueError("expected true or false")
+            return value
+        if t.startswith("float"):
+            v = float(value)
+            if v < 0:
+                raise ValueError("must not be negative")
+            return v
+        if t.startswith("int"):
+            if value is None:
+                return None
+            v = parse_size(value) if name == "capacity" else int(value)
+            if v < 0:
+                raise ValueError("must not be negative")
+            return v
+        if value is not None and not isinstance(value, str):
+            raise ValueError("expected a string")
+        return value
+    except (TypeError, ValueError) as exc:
+        raise KvfsError(f"{where}: bad value {value!r} for {name!r}: {exc}") from None
+
+
+def parse_size(value) -> int:
+    if isinstance(value, int):
+        return value
+    s = str(value).strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)
+
+
+def apply_mapping(cfg: Config, data: dict, where: str) -> None:
+    tc = data.get("kv_transfer_config")
+    rest = {k: v for k, v in data.items() if k != "kv_transfer_config"}
+    # "rank"/"local_rank" belong to the original's engine config: harmless here
+    for k in ("rank", "local_rank"):
+        rest.pop(k, None)
+    if tc is not None:
+        if not isinstance(tc, dict):
+            raise KvfsError(f"{where}: kv_transfer_config must be an object")
+        tc = dict(tc)
+        stype = tc.pop("storage_type", None)
+        local_dir = tc.pop("local_dir", None)
+        crail_dir = tc.pop("crail_dir", None)
+        storage_dir = tc.pop("storage_dir", None)
+        if stype is not None or local_dir or crail_dir:
+            stype = stype or "local"
+            if stype == "local":
+                cfg.store = (
+                    f"local:{local_dir or storage_dir or os.path.join(cfg.state_dir, 'store')}"
+                )
+            elif stype == "crail":
+                cfg.store = f"crail:{crail_dir or storage_dir or '/kvfs'}"
+            else:
+                cfg.store = f"{stype}:{storage_dir or ''}"
+        for k, v in tc.items():
+            if k in _ORIGINAL:
+                setattr(cfg, _ORIGINAL[k], _coerce(_ORIGINAL[k], v, where))
+            else:
+                setattr(cfg, k, _coerce(k, v, f"{where}: kv_transfer_config"))
+    for k, v in rest.items():
+        if k in _STORE_KEYS:
+            raise KvfsError(f"{where}: {k!r} belongs inside kv_transfer_config")
+        setattr(cfg, _ORIGINAL.get(k, k), _coerce(_ORIGINAL.get(k, k), v, where))
+
+
+def load_config(path: str | None, env=None, overrides: dict | None = None) -> Config:
+    cfg = Config()
+    if path:
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except OSError as exc:
+            raise KvfsError(f"cannot read config {path}: {exc.strerror}") from None
+        except json.JSONDecodeError as exc:
+            raise KvfsError(f"{path}: not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise KvfsError(f"{path}: expected a JSON object")
+        apply_mapping(cfg, data, path)
+    env = os.environ if env is None else env
+    for f in fields(Config):
+        var = "KVFS_" + f.name.upper()
+        if var in env:
+            setattr(cfg, f.name, _coerce(f.name, env[var], var))
+    for k, v in (overrides or {}).items():
+        if v is not None:
+            setattr(cfg, k, _coerce(k, v, f"--{k.replace('_', '-')}"))
+    return cfg

@@ -1,0 +1,327 @@
+"""The mount: wires store, etcd, cache and FUSE together and runs the services.
+
+One nursery owns every background service (object deleter, kernel cache
+invalidator, etcd watch, expiry collector, health probe); leaving it unmounts
+and stops the private etcd.
+"""
+
+import errno
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pyfuse3
+import trio
+
+from . import __version__
+from .config import Config
+from .errors import Conflict, KvfsError, MetaUnavailable
+from .etcd_server import PrivateEtcd
+from .fs import ROOT, Operations
+from .meta import EtcdMeta
+from .metacache import MetaCache
+from .namespace import Namespace
+from .store import open_store
+
+log = logging.getLogger(__name__)
+
+
+def node_id(mountpoint: str) -> str:
+    h = hashlib.sha1(f"{socket.gethostname()}:{os.path.abspath(mountpoint)}".encode())
+    return f"{socket.gethostname()}-{h.hexdigest()[:10]}"
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return
+    if path.startswith("@"):
+        path = "\0" + path[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.connect(path)
+        s.sendall(state.encode())
+
+
+class Daemon:
+    def __init__(self, cfg: Config, mountpoint: str):
+        self.cfg = cfg
+        self.mountpoint = os.path.abspath(mountpoint)
+        self.node = node_id(mountpoint)
+        self.etcd: PrivateEtcd | None = None
+        self.meta: EtcdMeta | None = None
+        self.store = None
+        self.ns: Namespace | None = None
+        self.ops: Operations | None = None
+        self.health: list = []
+        self.started = time.time()
+        self.last_gc: float | None = None
+        self.watch_state = "starting"
+
+    # -- setup -----------------------------------------------------------------------
+
+    def open_backends(self) -> None:
+        cfg = self.cfg
+        self.store = open_store(cfg.store_spec(), node=self.node, durable=cfg.durable)
+        endpoints = list(cfg.etcd)
+        if not endpoints:
+            root = getattr(self.store, "root", None) or os.path.join(cfg.state_dir, "store")
+            self.etcd = PrivateEtcd(os.path.join(root, "etcd"))
+            endpoints = [self.etcd.start()]
+        try:
+            self.meta = EtcdMeta(
+                endpoints,
+                prefix=cfg.etcd_prefix,
+                timeout=cfg.etcd_timeout,
+                ca_cert=cfg.etcd_ca_cert,
+                cert_key=cfg.etcd_key,
+                cert_cert=cfg.etcd_cert,
+                user=cfg.etcd_user,
+                password=cfg.etcd_password,
+            )
+            self.start_revision = self.meta.revision() + 1
+        except Exception:
+            self.close_backends()
+            raise
+        n = self.store.clean_staging()
+        if n:
+            log.info("removed %d leftover staged writes from an earlier run", n)
+
+    def close_backends(self) -> None:
+        if self.meta is not None:
+            self.meta.close()
+        if self.store is not None:
+            self.store.close()
+        if self.etcd is not None:
+            self.etcd.stop()
+
+    # -- status -------------------------------------------------------------------------
+
+    def status(self) -> dict:
+        ns = self.ns
+        usage = None
+        try:
+            usage = self.store.usage()
+        except KvfsError:
+            pass
+        return {
+            "version": __version__,
+            "pid": os.getpid(),
+            "mountpoint": self.mountpoint,
+            "node": self.node,
+            "uptime_s": round(time.time() - self.started, 1),
+            "store": {
+                "url": self.store.url,
+                "capacity": ns.capacity,
+                "used": ns.used,
+                "entries": len(ns.index),
+                "medium_total": usage.total if usage else None,
+                "medium_free": usage.free if usage else None,
+            },
+            "counters": {
+                k: ns.counters.get(k, 0)
+                for k in (
+                    "files_read",
+                    "bytes_read",
+                    "files_written",
+                    "bytes_written",
+                    "commits",
+                    "deletes",
+                    "expiries",
+                    "evictions",
+                    "corrupt",
+                )
+            },
+            "last_corrupt": ns.last_corrupt,
+            "cache": ns.cache.statistics(),
+            "etcd": {
+                "endpoints": self.health,
+                "private": self.etcd is not None,
+                "watch": self.watch_state,
+                **self.meta.stats,
+            },
+            "expiry": {
+                "ttl_s": self.cfg.ttl,
+                "cleanup_interval_s": self.cfg.cleanup_interval,
+                "touch_on_read": self.cfg.touch_on_read,
+                "last_gc": self.last_gc,
+            },
+        }
+
+    async def control(self, verb: str, value: bytes) -> None:
+        if verb == "gc":
+            await self.collect(force=True)
+        elif verb == "invalidate":
+            self.ns.cache.invalidate_all()
+        else:
+            raise KvfsError(f"unknown control {verb!r}", errno.EINVAL)
+
+    # -- services ----------------------------------------------------------------------
+
+    async def collect(self, force: bool = False) -> int:
+        """One expiry pass, by whichever daemon holds the etcd lock."""
+        ns = self.ns
+        ttl = max(30, int(self.cfg.cleanup_interval) + 30)
+        lease = await ns.call_meta(self.meta.try_lock, "gc", ttl, self.node)
+        if lease is None:
+            if force:
+                raise Conflict("another node's collector is running; try again")
+            return 0
+        try:
+            return await ns.expire()
+        finally:
+            self.last_gc = time.time()
+            with trio.CancelScope(shield=True):
+                try:
+                    await ns.call_meta(self.meta.unlock, lease)
+                except KvfsError:
+                    pass  # the lease runs out by itself
+
+    async def run_collector(self, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        interval = max(0.05, self.cfg.cleanup_interval)
+        while True:
+            await trio.sleep(interval)
+            try:
+                await self.collect()
+            except KvfsError as exc:
+                log.warning("expiry pass failed: %s", exc)
+
+    async def run_health(self, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        while True:
+            self.health = await trio.to_thread.run_sync(self.meta.health, abandon_on_cancel=True)
+            await trio.sleep(5)
+
+    async def run_watch(self, task_status=trio.TASK_STATUS_IGNORED):
+        """Keep the cache and the kernel coherent with every change in etcd."""
+        ns, ops = self.ns, self.ops
+        rev = self.start_revision
+        token = trio.lowlevel.current_trio_token()
+        started = False
+        while True:
+            send, recv = trio.open_memory_channel(math.inf)
+
+            def deliver(item, send=send):
+                try:
+                    trio.from_thread.run_sync(send.send_nowait, item, trio_token=token)
+                except (trio.RunFinishedError, trio.ClosedResourceError):
+                    pass
+
+            try:
+                wid = await ns.call_meta(self.meta.watch, deliver, rev)
+            except KvfsError as exc:
+                self.watch_state = f"down: {exc}"
+                if not started:
+                    started = True
+                    task_status.started()
+                await trio.sleep(0.5)
+                continue
+            self.watch_state = "up"
+            if not started:
+                started = True
+                task_status.started()
+            async for item in recv:
+                if isinstance(item, Exception):
+                    log.warning("etcd watch broke (%s); resuming at revision %d", item, rev)
+                    if "Compacted" in type(item).__name__:
+                        rev = None
+                    break
+                for ev in item:
+                    ns.apply_event(ev)
+                    rev = ev.revision + 1
+                    if ev.kind == "entry":
+                        entry = ns.cache.lookup_entry(ev.session, ev.name)[1]
+                        ops.on_entry_changed(ev.session, ev.name, entry if ev.value else None)
+                    elif ev.kind == "session" and ev.value is None:
+                        ops.on_session_changed(ev.session, None)
+            self.watch_state = "reconnecting"
+            await trio.to_thread.run_sync(self.meta.cancel_watch, wid)
+            # events may have been missed while the stream was down
+            ns.cache.invalidate_all()
+            for node in ops.nodes.values():
+                node.cache_version = None
+            await trio.sleep(0.2)
+
+    async def run_signals(self, task_status=trio.TASK_STATUS_IGNORED):
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            task_status.started()
+            async for sig in sigs:
+                log.info("got %s: unmounting", signal.Signals(sig).name)
+                sd_notify("STOPPING=1")
+                await trio.to_thread.run_sync(unmount, self.mountpoint, True)
+                return
+
+    async def _make_ready(self, on_ready) -> None:
+        # stat the mountpoint from a thread: the kernel answers through us, so
+        # success means the mount is live
+        def probe():
+            st = os.stat(self.mountpoint)
+            bdi = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+            try:
+                with open(bdi, "w") as f:
+                    f.write(str(self.cfg.read_ahead_kb))
+            except OSError as exc:
+                log.info("could not raise read-ahead (%s): %s", bdi, exc)
+
+        await trio.to_thread.run_sync(probe)
+        log.info(
+            "kvfs %s mounted at %s (store %s, etcd %s)",
+            __version__,
+            self.mountpoint,
+            self.store.url,
+            ",".join(f"{h}:{p}" for h, p in self.meta.endpoints),
+        )
+        sd_notify("READY=1")
+        if on_ready is not None:
+            on_ready()
+
+    async def serve(self, on_ready=None) -> None:
+        cfg = self.cfg
+        cache = MetaCache(cfg.cache_sessions, cfg.cache_layers, cfg.cache_recent)
+        self.ns = ns = Namespace(
+            self.meta, self.store, cache, capacity=cfg.capacity, ttl=cfg.ttl, node=self.node
+        )
+        await ns.load_index()
+        self.ops = ops = Operations(
+            ns,
+            touch_on_read=cfg.touch_on_read,
+            touch_interval=cfg.touch_interval,
+            status_fn=lambda: json.dumps(self.status(), separators=(",", ":")),
+            control_fn=self.control,
+        )
+        opts = set(pyfuse3.default_options)
+        opts |= {"fsname=kvfs", "subtype=kvfs"}
+        if cfg.allow_other:
+            opts.add("allow_other")
+        pyfuse3.init(ops, self.mountpoint, opts)
+        try:
+            async with trio.open_nursery() as nursery:
+                ops.nursery = nursery
+                await nursery.start(ns.run_deleter)
+                await nursery.start(ops.run_invalidator)
+                await nursery.start(self.run_watch)
+                await nursery.start(self.run_collector)
+                await nursery.start(self.run_health)
+                await nursery.start(self.run_signals)
+                nursery.start_soon(self._make_ready, on_ready)
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        raise KvfsError(r.stderr.strip() or f"fusermount3 failed ({r.returncode})")
+
+
+__all__ = ["Daemon", "ROOT", "sd_notify", "unmount", "MetaUnavailable"]

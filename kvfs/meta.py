@@ -1,0 +1,482 @@
+"""Metadata in etcd: the source of truth for the tree.
+
+Keys under PREFIX (default "/kvfs/"):
+    s/SESSION        session record (JSON): ctime, mode, owner, user xattrs
+    t/SESSION        session mtime; every commit or delete in the session puts it,
+                     so `rmdir` can compare-and-delete against concurrent creates
+    e/SESSION/NAME   entry record (JSON): size, times, store object, checksum, xattrs
+    lock/gc          held (with a lease) by the one expiry collector at work
+Names never contain "/", so the keys parse unambiguously.
+"""
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+
+import grpc
+import pyetcd
+from pyetcd import exceptions as etcd_exc
+
+from .errors import Conflict, Exists, KvfsError, MetaUnavailable, NotEmpty, NotFound
+from .objects import decode_xattrs, encode_xattrs
+
+log = logging.getLogger(__name__)
+
+_TRANSIENT = (
+    etcd_exc.ConnectionFailedError,
+    etcd_exc.ConnectionTimeoutError,
+    etcd_exc.NoServerAvailableError,
+    etcd_exc.InternalServerError,
+    grpc.RpcError,
+    ValueError,  # pyetcd raises it for "Trying to use a failed node"
+)
+
+
+@dataclass
+class Entry:
+    session: str
+    name: str
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    object: str = ""
+    version: str = ""
+    checksum: str = ""
+    store: str = ""
+    mode: int = 0o100644
+    uid: int = 0
+    gid: int = 0
+    xattrs: dict = field(default_factory=dict)  # name -> bytes
+    rev: int = 0  # etcd mod_revision; not stored
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        del d["session"], d["name"], d["rev"]
+        d["xattrs"] = encode_xattrs(self.xattrs)
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, session: str, name: str, raw: bytes, rev: int = 0) -> "Entry":
+        d = json.loads(raw)
+        d["xattrs"] = decode_xattrs(d.get("xattrs", {}))
+        return cls(session=session, name=name, rev=rev, **d)
+
+
+@dataclass
+class SessionInfo:
+    name: str
+    ctime_ns: int = 0
+    mode: int = 0o040755
+    uid: int = 0
+    gid: int = 0
+    xattrs: dict = field(default_factory=dict)
+    mtime_ns: int = 0  # from t/SESSION
+    rev: int = 0
+
+    def to_json(self) -> bytes:
+        d = {
+            "ctime_ns": self.ctime_ns,
+            "mode": self.mode,
+            "uid": self.uid,
+            "gid": self.gid,
+            "xattrs": encode_xattrs(self.xattrs),
+        }
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, name: str, raw: bytes, rev: int = 0) -> "SessionInfo":
+        d = json.loads(raw)
+        d["xattrs"] = decode_xattrs(d.get("xattrs", {}))
+        return cls(name=name, rev=rev, **d)
+
+
+@dataclass
+class WatchEvent:
+    kind: str  # "entry" | "session"
+    session: str
+    name: str | None  # entry name for kind == "entry"
+    value: bytes | None  # None for a delete
+    revision: int
+
+
+def parse_endpoints(spec) -> list[tuple[str, int]]:
+    if isinstance(spec, str):
+        spec = [s for s in spec.split(",") if s.strip()]
+    out = []
+    for item in spec:
+        item = item.strip()
+        for scheme in ("http://", "https://"):
+            if item.startswith(scheme):
+                item = item[len(scheme) :]
+        host, _, port = item.rpartition(":")
+        if not host or not port.isdigit():
+            raise KvfsError(f"bad etcd endpoint {item!r} (expected HOST:PORT)")
+        out.append((host, int(port)))
+    if not out:
+        raise KvfsError("no etcd endpoint given")
+    return out
+
+
+class EtcdMeta:
+    """Blocking etcd access; the daemon calls it from worker threads."""
+
+    def __init__(
+        self,
+        endpoints,
+        prefix: str = "/kvfs/",
+        timeout: float = 3.0,
+        ca_cert: str | None = None,
+        cert_key: str | None = None,
+        cert_cert: str | None = None,
+        user: str | None = None,
+        password: str | None = None,
+    ):
+        self.endpoints = parse_endpoints(endpoints)
+        self.prefix = prefix.encode() if isinstance(prefix, str) else prefix
+        self.timeout = timeout
+        creds = None
+        if ca_cert:
+            creds = pyetcd.MultiEndpointEtcd3Client.get_secure_creds(ca_cert, cert_key, cert_cert)
+        eps = [
+            # A failed member is retried after 1 s, not pyetcd's 300 s default,
+            # so an etcd that comes back is used again promptly.
+            pyetcd.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=1.0)
+            for h, p in self.endpoints
+        ]
+        self.stats = {"calls": 0, "errors": 0, "failovers": 0}
+        self._lock = threading.Lock()
+        try:
+            self.client = pyetcd.MultiEndpointEtcd3Client(
+                endpoints=eps, timeout=timeout, user=user, password=password, failover=True
+            )
+        except grpc.RpcError as exc:
+            raise MetaUnavailable(f"etcd refused the connection: {_rpc_text(exc)}") from None
+        self._last_endpoint = self.client._current_endpoint_label
+
+    # -- plumbing --------------------------------------------------------------
+
+    def _call(self, fn, *args, **kwargs):
+        """Run one etcd call, failing over between members once each."""
+        attempts = len(self.endpoints) + 1
+        last = None
+        for _ in range(attempts):
+            self.stats["calls"] += 1
+            try:
+                result = fn(*args, **kwargs)
+            except _TRANSIENT as exc:
+                if isinstance(exc, grpc.RpcError) and exc.code() in (
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                ):
+                    self.stats["errors"] += 1
+                    raise KvfsError(f"etcd refused: {_rpc_text(exc)}") from None
+                self.stats["errors"] += 1
+                last = exc
+                continue
+            label = self.client._current_endpoint_label
+            if label != self._last_endpoint:
+                self.stats["failovers"] += 1
+                log.warning("etcd: now using %s (was %s)", label, self._last_endpoint)
+                self._last_endpoint = label
+            return result
+        raise MetaUnavailable(f"etcd unavailable: {type(last).__name__}: {last}")
+
+    def _k(self, *parts: str) -> bytes:
+        return self.prefix + "/".join(parts).encode()
+
+    def _ek(self, session: str, name: str) -> bytes:
+        return self.prefix + b"e/" + session.encode() + b"/" + name.encode()
+
+    def _range_end(self, prefix: bytes) -> bytes:
+        return pyetcd.utils.prefix_range_end(prefix)
+
+    def _txn(self, compare, success, failure=()):
+        return self.client.transaction(compare=compare, success=success, failure=list(failure))
+
+    def _tops(self):
+        return self.client.transactions
+
+    # -- sessions --------------------------------------------------------------
+
+    def get_session(self, name: str) -> SessionInfo | None:
+        t = self._tops()
+        ok, resp = self._call(
+            self._txn,
+            compare=[],
+            success=[t.get(self._k("s", name)), t.get(self._k("t", name))],
+        )
+        if not resp[0]:
+            return None
+        raw, md = resp[0][0]
+        info = SessionInfo.from_json(name, raw, md.mod_revision)
+        if resp[1]:
+            info.mtime_ns = int(resp[1][0][0])
+        return info
+
+    def list_sessions(self) -> list[SessionInfo]:
+        sp = self._k("s", "")
+        tp = self._k("t", "")
+        out = {}
+        for raw, md in self._call(lambda: list(self.client.get_prefix(sp))):
+            name = md.key[len(sp) :].decode()
+            out[name] = SessionInfo.from_json(name, raw, md.mod_revision)
+        for raw, md in self._call(lambda: list(self.client.get_prefix(tp))):
+            name = md.key[len(tp) :].decode()
+            if name in out:
+                out[name].mtime_ns = int(raw)
+        return sorted(out.values(), key=lambda s: s.name)
+
+    def create_session(self, info: SessionInfo) -> SessionInfo:
+        t = self._tops()
+        key = self._k("s", info.name)
+        ok, resp = self._call(
+            self._txn,
+            compare=[t.version(key) == 0],
+            success=[
+                t.put(key, info.to_json()),
+                t.put(self._k("t", info.name), str(info.mtime_ns)),
+            ],
+        )
+        if not ok:
+            raise Exists(f"session {info.name} exists")
+        info.rev = resp[0].response_put.header.revision
+        return info
+
+    def update_session(self, info: SessionInfo) -> SessionInfo:
+        """Write INFO back if nobody changed it since it was read."""
+        t = self._tops()
+        key = self._k("s", info.name)
+        ok, resp = self._call(
+            self._txn,
+            compare=[t.mod(key) == info.rev],
+            success=[
+                t.put(key, info.to_json()),
+                t.put(self._k("t", info.name), str(info.mtime_ns)),
+            ],
+        )
+        if not ok:
+            raise Conflict(f"session {info.name} changed")
+        info.rev = resp[0].response_put.header.revision
+        return info
+
+    def delete_session(self, name: str) -> None:
+        """Delete an empty session; atomic against a concurrent commit into it."""
+        t = self._tops()
+        skey, tkey = self._k("s", name), self._k("t", name)
+        eprefix = self._k("e", name, "")
+        for _ in range(10):
+            ok, resp = self._call(
+                self._txn,
+                compare=[],
+                success=[t.get(skey), t.get(tkey), t.get(eprefix, self._range_end(eprefix))],
+            )
+            if not resp[0]:
+                raise NotFound(f"no session {name}")
+            if resp[2]:
+                raise NotEmpty(f"session {name} is not empty")
+            cmp = [t.mod(skey) == resp[0][0][1].mod_revision]
+            if resp[1]:
+                cmp.append(t.mod(tkey) == resp[1][0][1].mod_revision)
+            ok, _ = self._call(
+                self._txn,
+                compare=cmp,
+                success=[t.delete(skey), t.delete(tkey)],
+            )
+            if ok:
+                return
+        raise Conflict(f"session {name} kept changing")
+
+    # -- entries ---------------------------------------------------------------
+
+    def get_entry(self, session: str, name: str) -> Entry | None:
+        raw, md = self._call(self.client.get, self._ek(session, name))
+        if raw is None:
+            return None
+        return Entry.from_json(session, name, raw, md.mod_revision)
+
+    def list_entries(self, session: str) -> list[Entry]:
+        p = self._k("e", session, "")
+        out = []
+        for raw, md in self._call(lambda: list(self.client.get_prefix(p))):
+            out.append(Entry.from_json(session, md.key[len(p) :].decode(), raw, md.mod_revision))
+        return out
+
+    def iter_all_entries(self) -> Iterator[Entry]:
+        p = self._k("e", "")
+        items = self._call(lambda: list(self.client.get_prefix(p)))
+        for raw, md in items:
+            session, _, name = md.key[len(p) :].decode().partition("/")
+            yield Entry.from_json(session, name, raw, md.mod_revision)
+
+    def commit(self, entry: Entry, expect_rev: int | None = None) -> Entry | None:
+        """Publish ENTRY in one transaction; returns the entry it replaced.
+
+        Fails with NotFound if the session is gone, and with Conflict if
+        EXPECT_REV is given and the current entry's revision differs (0 = absent).
+        """
+        t = self._tops()
+        key = self._ek(entry.session, entry.name)
+        skey = self._k("s", entry.session)
+        cmp = [t.version(skey) > 0]
+        if expect_rev is not None:
+            cmp.append(t.mod(key) == expect_rev)
+        ok, resp = self._call(
+            self._txn,
+            compare=cmp,
+            success=[
+                t.put(key, entry.to_json(), prev_kv=True),
+                t.put(self._k("t", entry.session), str(entry.mtime_ns)),
+            ],
+            failure=[t.get(skey)],
+        )
+        if not ok:
+            if not resp or not resp[0]:
+                raise NotFound(f"no session {entry.session}")
+            raise Conflict(f"{entry.session}/{entry.name} changed")
+        put = resp[0].response_put
+        entry.rev = put.header.revision
+        if put.HasField("prev_kv") and put.prev_kv.value:
+            return Entry.from_json(entry.session, entry.name, put.prev_kv.value)
+        return None
+
+    def delete_entry(self, session: str, name: str, expect_rev: int | None = None) -> Entry | None:
+        t = self._tops()
+        key = self._ek(session, name)
+        cmp = [] if expect_rev is None else [t.mod(key) == expect_rev]
+        ok, resp = self._call(
+            self._txn,
+            compare=cmp,
+            success=[
+                t.delete(key, prev_kv=True),
+                t.put(self._k("t", session), str(time.time_ns())),
+            ],
+        )
+        if not ok:
+            raise Conflict(f"{session}/{name} changed")
+        d = resp[0].response_delete_range
+        if not d.prev_kvs:
+            return None
+        return Entry.from_json(session, name, d.prev_kvs[0].value)
+
+    def rename_entry(self, entry: Entry, new_session: str, new_name: str) -> Entry | None:
+        """Move ENTRY to a new name atomically; returns the entry it replaced."""
+        t = self._tops()
+        old = self._ek(entry.session, entry.name)
+        new = self._ek(new_session, new_name)
+        moved = Entry(**{**entry.__dict__, "session": new_session, "name": new_name})
+        now = str(time.time_ns())
+        ok, resp = self._call(
+            self._txn,
+            compare=[t.mod(old) == entry.rev, t.version(self._k("s", new_session)) > 0],
+            # etcd refuses a transaction that writes one key twice
+            success=[t.put(new, moved.to_json(), prev_kv=True), t.delete(old)]
+            + [t.put(self._k("t", s), now) for s in dict.fromkeys([entry.session, new_session])],
+        )
+        if not ok:
+            raise Conflict(f"{entry.session}/{entry.name} changed")
+        put = resp[0].response_put
+        moved.rev = put.header.revision
+        if put.HasField("prev_kv") and put.prev_kv.value:
+            return Entry.from_json(new_session, new_name, put.prev_kv.value)
+        return None
+
+    # -- cluster ---------------------------------------------------------------
+
+    def revision(self) -> int:
+        resp = self._call(self.client.get_response, self._k("rev-probe"))
+        return resp.header.revision
+
+    def health(self) -> list[dict]:
+        out = []
+        for host, port in self.endpoints:
+            ep = f"{host}:{port}"
+            c = None
+            try:
+                c = pyetcd.MultiEndpointEtcd3Client(
+                    endpoints=[pyetcd.Endpoint(host, port, secure=False, time_retry=0)],
+                    timeout=1.0,
+                )
+                st = c.status()
+                out.append(
+                    {
+                        "endpoint": ep,
+                        "healthy": True,
+                        "version": st.version,
+                        "in_use": ep == self.client._current_endpoint_label,
+                    }
+                )
+            except Exception as exc:  # health is a report, never an error
+                out.append({"endpoint": ep, "healthy": False, "error": type(exc).__name__})
+            finally:
+                if c is not None:
+                    c.close()
+        return out
+
+    def try_lock(self, name: str, ttl: int, holder: str):
+        """Take lock NAME for TTL seconds; returns a lease id, or None if held."""
+        t = self._tops()
+        lease = self._call(self.client.lease, ttl)
+        key = self._k("lock", name)
+        ok, _ = self._call(
+            self._txn,
+            compare=[t.version(key) == 0],
+            success=[t.put(key, holder, lease=lease.id)],
+        )
+        if not ok:
+            self._call(self.client.revoke_lease, lease.id)
+            return None
+        return lease.id
+
+    def unlock(self, lease_id) -> None:
+        self._call(self.client.revoke_lease, lease_id)
+
+    def watch(self, callback: Callable, start_revision: int | None = None):
+        """Call CALLBACK(list[WatchEvent] | Exception) from etcd's watch thread."""
+        ep, sp, tp = self._k("e", ""), self._k("s", ""), self._k("t", "")
+
+        def on_response(resp):
+            if isinstance(resp, Exception):
+                callback(resp)
+                return
+            events = []
+            for ev in resp.events:
+                key = ev.key
+                value = None if isinstance(ev, pyetcd.events.DeleteEvent) else ev.value
+                rev = ev.mod_revision
+                if key.startswith(ep):
+                    session, _, name = key[len(ep) :].decode().partition("/")
+                    events.append(WatchEvent("entry", session, name, value, rev))
+                elif key.startswith(sp):
+                    events.append(WatchEvent("session", key[len(sp) :].decode(), None, value, rev))
+                elif key.startswith(tp) and value is not None:
+                    events.append(WatchEvent("mtime", key[len(tp) :].decode(), None, value, rev))
+            callback(events)
+
+        kwargs = {}
+        if start_revision:
+            kwargs["start_revision"] = start_revision
+        return self._call(self.client.add_watch_prefix_callback, self.prefix, on_response, **kwargs)
+
+    def cancel_watch(self, watch_id) -> None:
+        try:
+            self.client.cancel_watch(watch_id)
+        except Exception:  # the stream may already be gone
+            pass
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+
+def _rpc_text(exc) -> str:
+    try:
+        return f"{exc.code().name}: {exc.details()}"
+    except Exception:
+        return str(exc)

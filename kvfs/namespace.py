@@ -1,0 +1,375 @@
+"""The tree of sessions and layers: etcd, the metadata cache and the store, async.
+
+Every blocking call (etcd, store) leaves the trio loop through a named
+CapacityLimiter. Callers get Entry/SessionInfo records or KvfsError.
+"""
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import trio
+
+from .commit import PendingFile
+from .errors import Conflict, Exists, KvfsError, NoSpace, NotEmpty, NotFound
+from .meta import Entry, EtcdMeta, SessionInfo, WatchEvent
+from .metacache import MetaCache
+from .objects import HEADER_SIZE, encode_header, encode_xattrs
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
+
+
+class Namespace:
+    def __init__(
+        self,
+        meta: EtcdMeta,
+        store: Store,
+        cache: MetaCache,
+        *,
+        capacity: int | None,
+        ttl: float,
+        node: str,
+    ):
+        self.meta = meta
+        self.store = store
+        self.cache = cache
+        self.capacity = capacity
+        self.ttl = ttl
+        self.node = node
+        self.meta_limiter = trio.CapacityLimiter(16)
+        self.io_limiter = trio.CapacityLimiter(8)
+        self.counters = Counter()
+        # (session, name) -> (size, mtime_ns) of every entry: capacity and LRU eviction
+        self.index: dict[tuple, tuple[int, int]] = {}
+        self.used = 0
+        self.last_corrupt: str | None = None
+        self._send_delete, self._recv_delete = trio.open_memory_channel(10000)
+
+    # -- plumbing -----------------------------------------------------------------
+
+    async def call_meta(self, fn: Callable, *args, **kwargs):
+        return await trio.to_thread.run_sync(
+            lambda: fn(*args, **kwargs), limiter=self.meta_limiter, abandon_on_cancel=True
+        )
+
+    async def call_io(self, fn: Callable, *args):
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
+
+    def delete_object_later(self, key: str) -> None:
+        try:
+            self._send_delete.send_nowait(key)
+        except trio.WouldBlock:
+            log.warning("object delete queue full; %s left for the sweep", key)
+
+    async def run_deleter(self, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        async for key in self._recv_delete:
+            try:
+                await self.call_io(self.store.delete, key)
+            except KvfsError as exc:
+                log.warning("could not delete object %s: %s", key, exc)
+
+    # -- index of sizes ---------------------------------------------------------
+
+    async def load_index(self) -> None:
+        entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
+        self.index = {(e.session, e.name): (e.size, e.mtime_ns) for e in entries}
+        self.used = sum(s for s, _ in self.index.values())
+
+    def _index_set(self, session: str, name: str, entry: Entry | None) -> None:
+        old = self.index.pop((session, name), None)
+        if old is not None:
+            self.used -= old[0]
+        if entry is not None:
+            self.index[(session, name)] = (entry.size, entry.mtime_ns)
+            self.used += entry.size
+
+    def apply_event(self, ev: WatchEvent) -> None:
+        self.cache.apply(ev)
+        if ev.kind == "entry":
+            entry = None
+            if ev.value is not None:
+                entry = Entry.from_json(ev.session, ev.name, ev.value, ev.revision)
+            self._index_set(ev.session, ev.name, entry)
+
+    # -- lookups ------------------------------------------------------------------
+
+    async def get_session(self, name: str) -> SessionInfo | None:
+        known, info = self.cache.lookup_session(name)
+        if known:
+            return info
+        epoch = self.cache.epoch
+        info = await self.call_meta(self.meta.get_session, name)
+        self.cache.fill_session(name, info, epoch)
+        return info
+
+    async def get_entry(self, session: str, name: str) -> Entry | None:
+        known, entry = self.cache.lookup_entry(session, name)
+        if known:
+            return entry
+        epoch = self.cache.epoch
+        entry = await self.call_meta(self.meta.get_entry, session, name)
+        self.cache.fill_entry(session, name, entry, epoch)
+        return entry
+
+    async def list_sessions(self) -> list[SessionInfo]:
+        epoch = self.cache.epoch
+        infos = await self.call_meta(self.meta.list_sessions)
+        for info in infos:
+            self.cache.fill_session(info.name, info, epoch)
+        return infos
+
+    async def list_entries(self, session: str) -> list[Entry]:
+        cached = self.cache.listing(session)
+        if cached is not None:
+            return sorted(cached, key=lambda e: e.name)
+        info = await self.get_session(session)
+        if info is None:
+            raise NotFound(f"no session {session}")
+        epoch = self.cache.epoch
+        entries = await self.call_meta(self.meta.list_entries, session)
+        self.cache.fill_listing(session, info, entries, epoch)
+        return sorted(entries, key=lambda e: e.name)
+
+    # -- sessions -------------------------------------------------------------------
+
+    async def mkdir(self, name: str, mode: int, uid: int, gid: int) -> SessionInfo:
+        now = time.time_ns()
+        info = SessionInfo(name, ctime_ns=now, mtime_ns=now, mode=mode, uid=uid, gid=gid)
+        await self.call_meta(self.meta.create_session, info)
+        self.cache.put_session(info)
+        return info
+
+    async def rmdir(self, name: str) -> None:
+        await self.call_meta(self.meta.delete_session, name)
+        self.cache.drop_session(name)
+
+    async def update_session(self, name: str, mutate: Callable[[SessionInfo], None]):
+        for _ in range(20):
+            info = await self.call_meta(self.meta.get_session, name)
+            if info is None:
+                raise NotFound(f"no session {name}")
+            mutate(info)
+            try:
+                await self.call_meta(self.meta.update_session, info)
+            except Conflict:
+                continue
+            self.cache.put_session(info)
+            return info
+        raise Conflict(f"session {name} kept changing")
+
+    # -- entries ----------------------------------------------------------------------
+
+    async def update_entry(self, session: str, name: str, mutate: Callable[[Entry], None]) -> Entry:
+        """Read-modify-write an entry's metadata (times, mode, xattrs)."""
+        for _ in range(20):
+            entry = await self.call_meta(self.meta.get_entry, session, name)
+            if entry is None:
+                raise NotFound(f"{session}/{name}")
+            mutate(entry)
+            check_xattr_room(entry.xattrs)
+            try:
+                await self.call_meta(self.meta.commit, entry, entry.rev)
+            except Conflict:
+                continue
+            self.cache.put_entry(entry)
+            self._index_set(session, name, entry)
+            return entry
+        raise Conflict(f"{session}/{name} kept changing")
+
+    async def unlink(self, session: str, name: str) -> Entry:
+        old = await self.call_meta(self.meta.delete_entry, session, name)
+        if old is None:
+            raise NotFound(f"{session}/{name}")
+        self.cache.drop_entry(session, name)
+        self._index_set(session, name, None)
+        self.delete_object_later(old.object)
+        self.counters["deletes"] += 1
+        return old
+
+    async def rename(
+        self, session: str, name: str, new_session: str, new_name: str, noreplace: bool = False
+    ) -> Entry:
+        for _ in range(20):
+            entry = await self.call_meta(self.meta.get_entry, session, name)
+            if entry is None:
+                raise NotFound(f"{session}/{name}")
+            if noreplace and await self.call_meta(self.meta.get_entry, new_session, new_name):
+                raise Exists(f"{new_session}/{new_name}")
+            try:
+                replaced = await self.call_meta(
+                    self.meta.rename_entry, entry, new_session, new_name
+                )
+            except Conflict:
+                continue
+            moved = Entry(**{**entry.__dict__, "session": new_session, "name": new_name})
+            self.cache.drop_entry(session, name)
+            self._index_set(session, name, None)
+            self.cache.put_entry(moved)
+            self._index_set(new_session, new_name, moved)
+            if replaced is not None and replaced.object != entry.object:
+                self.delete_object_later(replaced.object)
+            return moved
+        raise Conflict(f"{session}/{name} kept changing")
+
+    # -- the commit ---------------------------------------------------------------------
+
+    async def new_pending(
+        self, session: str, name: str, *, mode: int, uid: int, gid: int, xattrs: dict | None = None
+    ) -> PendingFile:
+        return await self.call_io(
+            lambda: PendingFile(
+                self.store,
+                session,
+                name,
+                mode=mode,
+                uid=uid,
+                gid=gid,
+                xattrs=xattrs,
+                capacity=self.capacity,
+            )
+        )
+
+    async def check_commit(self, p: PendingFile) -> None:
+        """Fail now, with the errno close(2) should return, if P could not commit."""
+        check_xattr_room(p.xattrs)
+        if self.capacity is not None and p.size > self.capacity:
+            raise NoSpace(f"{p.size} bytes exceed the store capacity {self.capacity}")
+        # asks etcd itself, not the cache: a dead etcd must show here
+        info = await self.call_meta(self.meta.get_session, p.session)
+        if info is None:
+            raise NotFound(f"session {p.session} was removed")
+
+    async def commit(self, p: PendingFile) -> Entry:
+        """Publish a pending file as the current version of its name."""
+        now = time.time_ns()
+        check_xattr_room(p.xattrs)
+        digest = await self.call_io(p.checksum)
+        entry = Entry(
+            session=p.session,
+            name=p.name,
+            size=p.size,
+            mtime_ns=p.mtime_ns or now,
+            ctime_ns=now,
+            object=p.key,
+            version=p.version,
+            checksum=digest,
+            store=self.store.url,
+            mode=p.mode,
+            uid=p.uid,
+            gid=p.gid,
+            xattrs=dict(p.xattrs),
+        )
+        header = encode_header(header_meta(entry), entry.size)
+        await self.make_room(entry)
+        await self.call_io(p.finish, header)
+        try:
+            prev = await self.call_meta(self.meta.commit, entry)
+        except BaseException:
+            # the object is durable but unpublished: drop it, the old version stands
+            with trio.CancelScope(shield=True):
+                await self.call_io(self.store.delete, p.key)
+            raise
+        self.cache.put_entry(entry)
+        self._index_set(entry.session, entry.name, entry)
+        if prev is not None and prev.object != entry.object:
+            self.delete_object_later(prev.object)
+        self.counters["commits"] += 1
+        self.counters["files_written"] += 1
+        self.counters["bytes_written"] += entry.size
+        return entry
+
+    # -- capacity and expiry --------------------------------------------------------------
+
+    async def make_room(self, entry: Entry) -> None:
+        """Evict least recently used entries until ENTRY fits in the capacity."""
+        if self.capacity is None:
+            return
+        if entry.size > self.capacity:
+            raise NoSpace(f"{entry.size} bytes exceed the store capacity {self.capacity}")
+        key = (entry.session, entry.name)
+        current = self.index.get(key, (0, 0))[0]
+        need = self.used - current + entry.size - self.capacity
+        if need <= 0:
+            return
+        victims = sorted(
+            ((mt, k, size) for k, (size, mt) in self.index.items() if k != key),
+            key=lambda v: v[0],
+        )
+        for _mt, (session, name), size in victims:
+            if need <= 0:
+                break
+            try:
+                await self.unlink(session, name)
+            except NotFound:
+                self._index_set(session, name, None)
+                continue
+            log.info("evicted %s/%s (%d bytes) to make room", session, name, size)
+            self.counters["evictions"] += 1
+            self.counters["deletes"] -= 1
+            need -= size
+        if need > 0:
+            raise NoSpace("store capacity exhausted")
+
+    async def expire(self, now_ns: int | None = None, progress=None) -> int:
+        """Delete every entry and empty session idle for longer than the ttl."""
+        now_ns = now_ns or time.time_ns()
+        limit = int(self.ttl * 1e9)
+        entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
+        expired = [e for e in entries if now_ns - e.mtime_ns > limit]
+        n = 0
+        for i, e in enumerate(expired):
+            try:
+                old = await self.call_meta(self.meta.delete_entry, e.session, e.name, e.rev)
+            except Conflict:
+                continue  # touched or replaced meanwhile: it lives on
+            if old is not None:
+                self.cache.drop_entry(e.session, e.name)
+                self._index_set(e.session, e.name, None)
+                self.delete_object_later(old.object)
+                n += 1
+            if progress:
+                progress(i + 1, len(expired))
+        live = {e.session for e in entries if now_ns - e.mtime_ns <= limit}
+        for s in await self.call_meta(self.meta.list_sessions):
+            if s.name in live or now_ns - max(s.mtime_ns, s.ctime_ns) <= limit:
+                continue
+            try:
+                await self.call_meta(self.meta.delete_session, s.name)
+                self.cache.drop_session(s.name)
+                n += 1
+            except (NotEmpty, NotFound, Conflict):
+                pass
+        self.counters["expiries"] += n
+        if n:
+            log.info("expired %d entries idle for more than %ss", n, self.ttl)
+        return n
+
+
+def header_meta(entry: Entry) -> dict:
+    return {
+        "session": entry.session,
+        "name": entry.name,
+        "size": entry.size,
+        "mtime_ns": entry.mtime_ns,
+        "ctime_ns": entry.ctime_ns,
+        "checksum": entry.checksum,
+        "version": entry.version,
+        "mode": entry.mode,
+        "uid": entry.uid,
+        "gid": entry.gid,
+        "xattrs": encode_xattrs(entry.xattrs),
+    }
+
+
+def check_xattr_room(xattrs: dict) -> None:
+    total = sum(len(k.encode()) + len(v) for k, v in xattrs.items())
+    if total > XATTR_TOTAL_MAX:
+        raise NoSpace(f"user xattrs take {total} bytes, at most {XATTR_TOTAL_MAX} fit")
+
+
+__all__ = ["HEADER_SIZE", "Namespace"]

@@ -1,0 +1,106 @@
+"""The layout of a stored object: a valid safetensors file describing itself.
+
+An object is one uint8 tensor named "data" holding the file's bytes, and a
+safetensors header whose `__metadata__` names the session, layer, times,
+checksum and user xattrs. The header is padded with spaces to HEADER_SIZE so
+the bytes start page-aligned, and so `kvfs recover` can rebuild etcd from the
+store alone by reading the first page of every object.
+"""
+
+import base64
+import json
+import struct
+import uuid
+import zlib
+
+from .errors import Corrupt
+
+HEADER_SIZE = 4096
+FORMAT = "kvfs/1"
+
+
+def new_object_key() -> tuple[str, str]:
+    """A fresh (version, store key): every committed version is its own object."""
+    version = uuid.uuid4().hex
+    return version, f"{version[:2]}/{version}.kv"
+
+
+def encode_xattrs(xattrs: dict[str, bytes]) -> dict[str, str]:
+    return {k: base64.b64encode(v).decode() for k, v in xattrs.items()}
+
+
+def decode_xattrs(xattrs: dict[str, str]) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in xattrs.items()}
+
+
+def encode_header(meta: dict, size: int, header_size: int = HEADER_SIZE) -> bytes:
+    """Header bytes for an object of SIZE data bytes; raises ValueError when too big."""
+    md = {"format": FORMAT}
+    for k, v in meta.items():
+        md[k] = (
+            v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+        )
+    doc = {
+        "__metadata__": md,
+        "data": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]},
+    }
+    body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    room = header_size - 8
+    if len(body) > room:
+        raise ValueError(f"object header needs {len(body)} bytes, {room} reserved")
+    return struct.pack("<Q", room) + body + b" " * (room - len(body))
+
+
+def decode_header(head: bytes) -> tuple[dict, int, int]:
+    """Parse the first bytes of an object: (meta, data offset, data size)."""
+    if len(head) < 8:
+        raise Corrupt("object shorter than its header")
+    (n,) = struct.unpack_from("<Q", head)
+    if n > len(head) - 8 or n > 1 << 20:
+        raise Corrupt("object header truncated or oversized")
+    try:
+        doc = json.loads(head[8 : 8 + n])
+        md = doc["__metadata__"]
+        start, end = doc["data"]["data_offsets"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Corrupt(f"object header unreadable: {exc}") from None
+    if md.get("format") != FORMAT:
+        raise Corrupt(f"not a kvfs object (format {md.get('format')!r})")
+    meta = {}
+    for k, v in md.items():
+        if k == "format":
+            continue
+        try:
+            meta[k] = json.loads(v) if k != "session" and k != "name" else v
+        except ValueError:
+            meta[k] = v
+    return meta, 8 + n + start, end - start
+
+
+def checksum(crc: int) -> str:
+    return f"crc32:{crc:08x}"
+
+
+class RunningChecksum:
+    """CRC32 of bytes written in order; gives up (needs a full pass) otherwise."""
+
+    def __init__(self):
+        self.crc = 0
+        self.upto = 0
+        self.valid = True
+
+    def update(self, data, offset: int) -> None:
+        if not self.valid:
+            return
+        if offset == self.upto:
+            self.crc = zlib.crc32(data, self.crc)
+            self.upto += len(data)
+        elif offset + len(data) <= self.upto and offset >= 0:
+            # a rewrite of bytes already summed: only a full pass can tell
+            self.valid = False
+        else:
+            self.valid = False
+
+    def truncated(self, size: int) -> None:
+        if size != self.upto:
+            self.valid = False

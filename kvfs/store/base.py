@@ -1,0 +1,118 @@
+"""The store interface: where the bytes of committed files live.
+
+A store holds immutable objects under relative keys. Objects are written
+through a staged writer (invisible until commit, durable once committed) and
+read with ranged gets. kvfs decides the keys and the object layout; a store
+only moves bytes.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ObjectStat:
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True)
+class Usage:
+    total: int  # bytes the medium holds in all
+    free: int  # bytes still available to the store
+
+
+class StoreWriter(ABC):
+    """A staged object: random-access writes, then commit or abort."""
+
+    @abstractmethod
+    def pwrite(self, data, offset: int) -> int: ...
+
+    @abstractmethod
+    def pread(self, size: int, offset: int) -> bytes: ...
+
+    @abstractmethod
+    def truncate(self, size: int) -> None: ...
+
+    @abstractmethod
+    def size(self) -> int: ...
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Make the object durable and visible under its key."""
+
+    @abstractmethod
+    def abort(self) -> None:
+        """Drop the staged bytes; never raises."""
+
+
+class StoreReader(ABC):
+    """An object opened for repeated ranged reads."""
+
+    @abstractmethod
+    def pread(self, size: int, offset: int) -> bytes: ...
+
+    def readinto(self, buf, offset: int) -> int:
+        data = self.pread(len(buf), offset)
+        buf[: len(data)] = data
+        return len(data)
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+
+class Store(ABC):
+    """A backing store. Methods block; kvfs calls them from worker threads."""
+
+    #: short description shown in xattrs and status, e.g. "local:/var/lib/kvfs"
+    url: str
+
+    @abstractmethod
+    def put(self, key: str, data: bytes) -> None: ...
+
+    @abstractmethod
+    def get(self, key: str, offset: int = 0, size: int = -1) -> bytes:
+        """Bytes [offset, offset+size) of KEY (to the end when size < 0)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove KEY; a missing key is not an error."""
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> Iterator[str]: ...
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectStat: ...
+
+    @abstractmethod
+    def writer(self, key: str) -> StoreWriter: ...
+
+    def reader(self, key: str) -> StoreReader:
+        return _GetReader(self, key)
+
+    def usage(self) -> Usage | None:
+        """Capacity of the medium, when the store can tell."""
+        return None
+
+    def clean_staging(self) -> int:
+        """Remove leftovers of writes this node never committed; returns a count."""
+        return 0
+
+    def close(self) -> None:  # noqa: B027 - most stores hold nothing to release
+        pass
+
+
+class _GetReader(StoreReader):
+    def __init__(self, store: Store, key: str):
+        self._store = store
+        self._key = key
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return self._store.get(self._key, offset, size)
+
+    def close(self) -> None:
+        pass
