@@ -103,8 +103,12 @@ class EtcdCluster:
     def __init__(self, base: Path, size: int):
         names = [f"m{i}" for i in range(size)]
         ports = [(free_port(), free_port()) for _ in names]
-        cluster = ",".join(f"{n}=http://127.0.0.1:{p}" for n, (_, p) in zip(names, ports))
-        self.members = [EtcdMember(n, c, p, base / n, cluster) for n, (c, p) in zip(names, ports)]
+        cluster = ",".join(
+            f"{n}=http://127.0.0.1:{p}" for n, (_, p) in zip(names, ports, strict=True)
+        )
+        self.members = [
+            EtcdMember(n, c, p, base / n, cluster) for n, (c, p) in zip(names, ports, strict=True)
+        ]
 
     @property
     def endpoints(self) -> str:
