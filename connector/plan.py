@@ -21,6 +21,7 @@ class ChunkOp:
     block_ids: list[int]  # the paged blocks of this chunk, in token order
     tokens: list[int] = field(default_factory=list)  # token ids (saves only)
     skip_blocks: int = 0  # loads: leading blocks already computed locally
+    overwrite: bool = False  # saves: replace a file that failed to load
 
 
 @dataclass

@@ -34,6 +34,7 @@ class _Req:
     miss_tokens: int = 0
     counted: bool = False
     block_ids: list[int] = field(default_factory=list)
+    repair: set[int] = field(default_factory=set)  # chunks whose files failed to load
 
 
 def request_options(params: dict | None) -> tuple[str | None, bool, bool]:
@@ -189,10 +190,31 @@ class SchedulerSide:
                         parent=(st.links[i - 1] if i else st.root).hex(),
                         block_ids=blocks,
                         tokens=st.prompt[i * self.chunk : (i + 1) * self.chunk],
+                        overwrite=i in st.repair,
                     )
                 )
             st.saved_chunks = done
         return plan
+
+    def update_connector_output(self, invalid_block_ids: set[int] | None) -> None:
+        """After a failed load: count the lost hit as a miss, and save the
+        recomputed chunks again, replacing the file that failed."""
+        if not invalid_block_ids:
+            return
+        per_chunk = self.chunk // self.block_size
+        for st in self._reqs.values():
+            if not st.block_ids or invalid_block_ids.isdisjoint(st.block_ids):
+                continue
+            first = next(j for j, b in enumerate(st.block_ids) if b in invalid_block_ids)
+            chunk = first // per_chunk
+            lost = max(0, st.local + st.hit_tokens - chunk * self.chunk)
+            lost = min(lost, st.hit_tokens)
+            st.hit_tokens -= lost
+            st.miss_tokens += lost
+            self.stats.add("hit_tokens", -lost)
+            self.stats.add("miss_tokens", lost)
+            st.repair.add(chunk)
+            st.saved_chunks = min(st.saved_chunks, chunk)
 
     def _block_ids(self, req_id: str) -> list[int]:
         if self._kv_cache_manager is None:

@@ -149,6 +149,10 @@ class KVFSConnector(KVConnectorBase_V1):
         plan = self._scheduler.build_plan(scheduler_output)
         return KVFSConnectorMetadata(loads=plan.loads, saves=plan.saves)
 
+    def update_connector_output(self, connector_output) -> None:
+        if self._scheduler is not None:
+            self._scheduler.update_connector_output(connector_output.invalid_block_ids)
+
     def request_finished(self, request: Request, block_ids: list[int]):
         assert self._scheduler is not None
         # Saves copy their blocks out during the step, so blocks can be freed now.

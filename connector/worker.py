@@ -105,7 +105,7 @@ class ChunkWriter:
         session_dir = os.path.join(self._mount, op.session)
         name = space.file_name(op.index, bytes.fromhex(op.link))
         path = os.path.join(session_dir, name)
-        if os.path.exists(path):
+        if not op.overwrite and os.path.exists(path):
             self._stats.add("save_skipped", 1)
             return
         t0 = time.perf_counter()
@@ -240,30 +240,38 @@ class WorkerSide:
     def _load(self, ops: list[ChunkOp]) -> None:
         t0 = time.perf_counter()
         files: dict[int, ChunkFile] = {}
-        failed_reqs: set[str] = set()
+        # Per request, the first chunk that failed: vLLM recomputes from its
+        # first block on, so later chunks need not load; earlier ones must.
+        failed_at: dict[str, int] = {}
+
+        def doomed(op: ChunkOp) -> bool:
+            return op.index > failed_at.get(op.req_id, op.index)
+
+        def fail(op: ChunkOp, why: str) -> None:
+            self._fail(op, why)
+            failed_at[op.req_id] = min(op.index, failed_at.get(op.req_id, op.index))
+
         layers = list(self.kv_caches)
         try:
             for i, op in enumerate(ops):
-                if op.req_id in failed_reqs:
-                    continue  # the scheduler recomputes from the first failed chunk on
+                if doomed(op):
+                    continue
                 try:
                     files[i] = self._open(op)
                 except ChunkError as e:
-                    self._fail(op, e.reason)
-                    failed_reqs.add(op.req_id)
+                    fail(op, e.reason)
             for layer in layers:
                 kv = self.kv_caches[layer]
-                for i, f in list(files.items()):
-                    op = ops[i]
-                    if op.req_id in failed_reqs:
+                for i in sorted(files):
+                    op, f = ops[i], files[i]
+                    if doomed(op) or op.req_id in failed_at and op.index == failed_at[op.req_id]:
                         f.close()
                         del files[i]
                         continue
                     try:
                         self._read_layer(f, op, layer, kv)
                     except ChunkError as e:
-                        self._fail(op, e.reason)
-                        failed_reqs.add(op.req_id)
+                        fail(op, e.reason)
                         f.close()
                         del files[i]
                 self._layer_ready[layer].set()
@@ -274,10 +282,8 @@ class WorkerSide:
                 self.stats.add("loaded_bytes", os.fstat(f.fd).st_size)
         except Exception as e:  # a bug or an I/O error: a miss, never a crash
             self.log.exception("kvfs: loading failed")
-            for op in ops:
-                if op.req_id not in failed_reqs:
-                    self._fail(op, f"unexpected error: {e!r}")
-                    failed_reqs.add(op.req_id)
+            for op in ops:  # nothing loaded this step can be trusted
+                fail(op, f"unexpected error: {e!r}")
         finally:
             for f in files.values():
                 f.close()

@@ -1,0 +1,155 @@
+"""Real vLLM (CPU build) with the connector over the mount, one fresh process per engine."""
+
+import os
+import subprocess
+
+import pytest
+from conftest import CHUNK, PROMPTS
+
+pytestmark = pytest.mark.vllm
+
+
+def req(name: str, session: str | None = None, max_tokens: int = 8) -> dict:
+    r = {"prompt_token_ids": PROMPTS[name], "max_tokens": max_tokens}
+    if session is not None:
+        r["session"] = session
+    return r
+
+
+def chunk_files(directory) -> list[str]:
+    return sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
+
+
+def whole_chunks(name: str) -> int:
+    return len(PROMPTS[name]) // CHUNK
+
+
+def test_store_then_load_in_fresh_process(kvfs_mount, tiny_models, baseline, run_vllm):
+    model = tiny_models["tiny-a"]
+    # Store with a small token budget: the prompt is prefilled over several
+    # steps, and each step saves only the chunks it has computed.
+    stored = run_vllm(model, [req("A")], kvfs_mount.path, engine={"max_num_batched_tokens": 96})
+    first = stored["results"][0]
+    assert first["token_ids"] == baseline["A"]
+    assert first["kv_transfer_params"]["kvfs_hit_tokens"] == 0
+    session = first["kv_transfer_params"]["kvfs_session"]
+    assert session.startswith("tiny-a-")
+    files = chunk_files(kvfs_mount.path / session)
+    assert len(files) == whole_chunks("A")
+    assert files[0].startswith("000000-000064.tp0.")
+
+    loaded = run_vllm(model, [req("A"), req("B")], kvfs_mount.path)
+    a, b = loaded["results"]
+    # The whole cached prefix is loaded: all chunks but the one holding the last token.
+    hit = (len(PROMPTS["A"]) - 1) // CHUNK * CHUNK
+    assert a["kv_transfer_params"]["kvfs_hit_tokens"] == hit
+    assert a["worker"]["loaded_tokens"] == hit
+    assert a["worker"].get("load_errors", 0) == 0
+    assert a["token_ids"] == baseline["A"]
+    # B shares exactly A's first two chunks: those load, the rest is computed.
+    assert b["kv_transfer_params"]["kvfs_session"] == session
+    assert b["kv_transfer_params"]["kvfs_hit_tokens"] == 2 * CHUNK
+    assert b["worker"]["loaded_tokens"] == 2 * CHUNK
+    assert b["token_ids"] == baseline["B"]
+    assert "hit in the cache" in run_vllm.last_log
+
+
+def test_named_session_and_rm_r(kvfs_mount, tiny_models, baseline, run_vllm):
+    model = tiny_models["tiny-a"]
+    out = run_vllm(model, [req("C", session="chat-42")], kvfs_mount.path)
+    assert out["results"][0]["kv_transfer_params"]["kvfs_session"] == "chat-42"
+    assert os.listdir(kvfs_mount.path) == ["chat-42"]
+    assert len(chunk_files(kvfs_mount.path / "chat-42")) == whole_chunks("C")
+
+    subprocess.run(["rm", "-r", str(kvfs_mount.path / "chat-42")], check=True)
+    assert not (kvfs_mount.path / "chat-42").exists()
+
+    twice = [req("C", session="chat-42"), req("C", session="chat-42")]
+    again = run_vllm(model, twice, kvfs_mount.path)
+    recomputed, reloaded = again["results"]
+    assert recomputed["kv_transfer_params"]["kvfs_hit_tokens"] == 0
+    assert recomputed["worker"].get("loaded_tokens", 0) == 0
+    assert recomputed["token_ids"] == baseline["C"]
+    # ... and stored again, so the next request in the session hits.
+    assert reloaded["worker"]["loaded_tokens"] > 0
+    assert reloaded["token_ids"] == baseline["C"]
+
+
+def test_damaged_files_are_misses(kvfs_mount, tiny_models, baseline, run_vllm):
+    model = tiny_models["tiny-a"]
+    names = ["C", "D", "E"]
+    stored = run_vllm(model, [req(n) for n in names], kvfs_mount.path)
+    sessions = {
+        n: kvfs_mount.path / r["kv_transfer_params"]["kvfs_session"]
+        for n, r in zip(names, stored["results"], strict=True)
+    }
+    # C: bytes flipped inside a tensor (the checksum catches it).
+    victim = sessions["C"] / chunk_files(sessions["C"])[1]
+    data = bytearray(victim.read_bytes())
+    for i in range(len(data) - 64, len(data) - 32):
+        data[i] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    # D: truncated.
+    victim = sessions["D"] / chunk_files(sessions["D"])[0]
+    victim.write_bytes(victim.read_bytes()[:-1000])
+    # E: another chunk's file under this chunk's name (right format, wrong key).
+    e_files = chunk_files(sessions["E"])
+    foreign = (sessions["C"] / chunk_files(sessions["C"])[2]).read_bytes()
+    (sessions["E"] / e_files[2]).write_bytes(foreign)
+
+    # Each damaged prompt twice: first a reported miss, then a full hit on the
+    # file the first request wrote back.
+    out = run_vllm(model, [req(n) for n in names + names], kvfs_mount.path)
+    log = run_vllm.last_log
+    first, second = out["results"][:3], out["results"][3:]
+    for name, r in zip(names, first, strict=True):
+        assert r["token_ids"] == baseline[name], name
+        assert r["worker"]["load_errors"] == 1, name
+    assert "checksum mismatch" in log
+    assert "truncated" in log
+    assert "key is" in log
+    # Chunks before the damaged one still load; from it on, vLLM recomputes.
+    assert [r["worker"].get("loaded_tokens", 0) for r in first] == [CHUNK, 0, 2 * CHUNK]
+    assert [r["kv_transfer_params"]["kvfs_hit_tokens"] for r in first] == [CHUNK, 0, 2 * CHUNK]
+    full = (len(PROMPTS["C"]) - 1) // CHUNK * CHUNK
+    for name, r in zip(names, second, strict=True):
+        assert r["token_ids"] == baseline[name], name
+        assert r["worker"].get("load_errors", 0) == 0, name
+        assert r["worker"]["loaded_tokens"] == full, name
+
+
+def test_two_models_on_one_mount_never_share(kvfs_mount, tiny_models, baseline, run_vllm):
+    a = run_vllm(tiny_models["tiny-a"], [req("A", session="shared")], kvfs_mount.path)
+    assert a["results"][0]["token_ids"] == baseline["A"]
+    files_a = chunk_files(kvfs_mount.path / "shared")
+
+    b = run_vllm(
+        tiny_models["tiny-b"],
+        [req("A", session="shared"), req("A", session="shared")],
+        kvfs_mount.path,
+    )
+    first, second = b["results"]
+    # tiny-a's chunks of the same tokens are not tiny-b's: a miss, then its own hit.
+    assert first["kv_transfer_params"]["kvfs_hit_tokens"] == 0
+    assert first["worker"].get("loaded_tokens", 0) == 0
+    assert second["worker"]["loaded_tokens"] > 0
+    assert second["token_ids"] == first["token_ids"]
+    assert first["token_ids"] != baseline["A"]  # really another model
+    files = chunk_files(kvfs_mount.path / "shared")
+    assert len(files) == 2 * len(files_a)
+    assert set(files_a) < set(files)
+
+
+def test_connector_loads_in_vllm_with_cli_json(tiny_models):
+    """The documented --kv-transfer-config JSON parses into a config vLLM accepts."""
+    from vllm.config import KVTransferConfig
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    cfg = KVTransferConfig(
+        kv_connector="KVFSConnector",
+        kv_connector_module_path="kvfs_connector",
+        kv_role="kv_both",
+        kv_connector_extra_config={"mount": "/kvcache"},
+    )
+    cls = KVConnectorFactory.get_connector_class(cfg)
+    assert cls.__name__ == "KVFSConnector"
