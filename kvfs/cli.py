@@ -44,6 +44,7 @@ def _mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--no-touch-on-read", action="store_true", help="reads do not extend an entry's life"
     )
+    p.add_argument("--touch-interval", help="a read extends life at most this often (s)")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true", help="let other users use the mount")
     p.add_argument("--debug", action="store_true", help="log every decision")
@@ -65,6 +66,7 @@ def _config_from(args):
         "etcd_user": args.etcd_user,
         "allow_other": True if args.allow_other else None,
         "touch_on_read": False if args.no_touch_on_read else None,
+        "touch_interval": args.touch_interval,
         "debug": True if args.debug else None,
     }
     return load_config(args.config, overrides=over)

@@ -50,6 +50,8 @@ class PendingFile:
         self.size = 0
         self.dirty = False
         self.closed = False
+        # a failed write (ENOSPC, EIO) leaves a hole: such a version never commits
+        self.failed: Exception | None = None
 
     def _check_room(self, end: int) -> None:
         if self.capacity is not None and end > self.capacity:
@@ -70,8 +72,12 @@ class PendingFile:
 
     def write(self, data, offset: int) -> int:
         end = offset + len(data)
-        self._check_room(end)
-        n = self.writer.pwrite(data, HEADER_SIZE + offset)
+        try:
+            self._check_room(end)
+            n = self.writer.pwrite(data, HEADER_SIZE + offset)
+        except Exception as exc:
+            self.failed = exc
+            raise
         self.crc.update(data, offset)
         if end > self.size:
             self.size = end

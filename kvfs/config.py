@@ -27,7 +27,7 @@ class Config:
     cleanup_interval: float = 3600.0
     capacity: int | None = None
     touch_on_read: bool = True
-    touch_interval: float = 60.0
+    touch_interval: float | None = None  # default: min(60 s, ttl / 4)
     state_dir: str = DEFAULT_STATE_DIR
     allow_other: bool = False
     read_ahead_kb: int = 1024
@@ -39,6 +39,11 @@ class Config:
     ssd_cache_dir: str | None = None
     enable_prefetch: bool = True
     debug: bool = False
+
+    def touch_every(self) -> float:
+        if self.touch_interval is not None:
+            return self.touch_interval
+        return min(60.0, self.ttl / 4)
 
     def store_spec(self) -> str:
         return self.store or f"local:{os.path.join(self.state_dir, 'store')}"

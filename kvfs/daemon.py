@@ -292,7 +292,7 @@ class Daemon:
         self.ops = ops = Operations(
             ns,
             touch_on_read=cfg.touch_on_read,
-            touch_interval=cfg.touch_interval,
+            touch_interval=cfg.touch_every(),
             status_fn=lambda: json.dumps(self.status(), separators=(",", ":")),
             control_fn=self.control,
         )

@@ -808,6 +808,12 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         if h is None or h.pending is None or not h.pending.dirty:
             return
         h.flushed = True
+        if h.pending.failed is not None:
+            raise (
+                _fuse_error(h.pending.failed)
+                if isinstance(h.pending.failed, KvfsError)
+                else pyfuse3.FUSEError(errno.EIO)
+            )
         try:
             await self.ns.check_commit(h.pending)
         except KvfsError as exc:
@@ -833,7 +839,14 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         if h is None:
             return
         try:
-            if h.pending is not None and h.pending.dirty:
+            if h.pending is not None and h.pending.failed is not None:
+                log.warning(
+                    "%s/%s: not committed after a failed write (%s)",
+                    h.node.session,
+                    h.node.name,
+                    h.pending.failed,
+                )
+            elif h.pending is not None and h.pending.dirty:
                 try:
                     await self._commit(h)
                 except KvfsError as exc:
