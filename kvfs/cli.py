@@ -215,6 +215,52 @@ def cmd_umount(args) -> int:
     return 0
 
 
+def cmd_recover(args) -> int:
+    from .meta import EtcdMeta
+    from .recovery import Progress, recover
+    from .store import open_store
+
+    setup_logging(False)
+    cfg = load_config(args.config)
+    store_spec, endpoints, prefix = args.store, args.etcd, args.etcd_prefix
+    if args.mountpoint:
+        st = read_status(args.mountpoint)
+        store_spec = store_spec or st["store"]["url"]
+        endpoints = endpoints or ",".join(e["endpoint"] for e in st["etcd"]["endpoints"])
+        prefix = prefix or st["etcd"].get("prefix")
+    store_spec = store_spec or cfg.store_spec()
+    endpoints = endpoints or ",".join(cfg.etcd)
+    if not endpoints:
+        raise KvfsError("recover needs a mountpoint or --etcd")
+    store = open_store(store_spec, node="recover")
+    meta = EtcdMeta(
+        endpoints,
+        prefix=prefix or cfg.etcd_prefix,
+        timeout=cfg.etcd_timeout,
+        ca_cert=cfg.etcd_ca_cert,
+        cert_key=cfg.etcd_key,
+        cert_cert=cfg.etcd_cert,
+        user=cfg.etcd_user,
+        password=cfg.etcd_password,
+    )
+    try:
+        result = recover(store, meta, Progress("recover", 0), delete_stale=args.delete_stale)
+    finally:
+        meta.close()
+    if args.mountpoint:
+        try:
+            os.setxattr(args.mountpoint, "user.kvfs.control.invalidate", b"1")
+        except OSError:
+            pass
+    print(
+        f"kvfs: recovered {result['entries_restored']} entries "
+        f"({result['sessions_created']} sessions created, {result['entries_kept']} already "
+        f"in etcd, {result['stale_objects']} stale or unreadable objects) "
+        f"from {result['objects']} objects"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvfs", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -231,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("mountpoint")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_status)
+    r = sub.add_parser("recover", help="rebuild etcd's metadata from the store")
+    r.add_argument("mountpoint", nargs="?", help="a live mount (its store and etcd are used)")
+    r.add_argument("--config", "-c")
+    r.add_argument("--store", help="store spec, e.g. local:/var/lib/kvfs/store")
+    r.add_argument("--etcd", help="etcd endpoints HOST:PORT[,...]")
+    r.add_argument("--etcd-prefix", help="key prefix in etcd (default /kvfs/)")
+    r.add_argument(
+        "--delete-stale", action="store_true", help="also delete superseded and unreadable objects"
+    )
+    r.set_defaults(fn=cmd_recover)
     return p
 
 

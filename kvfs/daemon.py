@@ -143,6 +143,7 @@ class Daemon:
             "etcd": {
                 "endpoints": self.health,
                 "private": self.etcd is not None,
+                "prefix": self.cfg.etcd_prefix,
                 "watch": self.watch_state,
                 **self.meta.stats,
             },

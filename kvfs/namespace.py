@@ -178,8 +178,19 @@ class Namespace:
                 continue
             self.cache.put_entry(entry)
             self._index_set(session, name, entry)
+            await self._refresh_header(entry)
             return entry
         raise Conflict(f"{session}/{name} kept changing")
+
+    async def _refresh_header(self, entry: Entry) -> None:
+        """Keep the object's own header in step with etcd, for `kvfs recover`."""
+        header = encode_header(header_meta(entry), entry.size)
+        try:
+            await self.call_io(self.store.rewrite_header, entry.object, header)
+        except NotImplementedError:
+            pass
+        except KvfsError as exc:
+            log.warning("header of %s/%s not refreshed: %s", entry.session, entry.name, exc)
 
     async def unlink(self, session: str, name: str) -> Entry:
         old = await self.call_meta(self.meta.delete_entry, session, name)

@@ -94,6 +94,14 @@ class Store(ABC):
     def reader(self, key: str) -> StoreReader:
         return _GetReader(self, key)
 
+    def rewrite_header(self, key: str, data: bytes) -> None:
+        """Overwrite the first len(DATA) bytes of KEY in place (kvfs's header).
+
+        Optional: a store that cannot patch objects keeps the header written at
+        commit, and recovery then restores the attributes of that moment.
+        """
+        raise NotImplementedError
+
     def usage(self) -> Usage | None:
         """Capacity of the medium, when the store can tell."""
         return None

@@ -167,6 +167,16 @@ class LocalStore(Store):
     def reader(self, key: str) -> StoreReader:
         return LocalReader(self.path(key), key)
 
+    def rewrite_header(self, key: str, data: bytes) -> None:
+        try:
+            fd = os.open(self.path(key), os.O_WRONLY)
+        except OSError as exc:
+            raise _oserror(exc, f"header of {key}") from exc
+        try:
+            os.pwrite(fd, data, 0)
+        finally:
+            os.close(fd)
+
     def usage(self) -> Usage:
         st = os.statvfs(self.root)
         return Usage(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize)

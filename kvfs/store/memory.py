@@ -85,6 +85,11 @@ class MemoryStore(Store):
     def writer(self, key: str) -> StoreWriter:
         return MemoryWriter(self, key)
 
+    def rewrite_header(self, key: str, data: bytes) -> None:
+        with self._lock:
+            obj, mtime = self._objects[key]
+            self._objects[key] = (bytes(data) + obj[len(data) :], mtime)
+
     def usage(self) -> Usage:
         used = sum(len(d) for d, _ in self._objects.values())
         return Usage(total=self._capacity, free=max(0, self._capacity - used))

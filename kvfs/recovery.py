@@ -1,0 +1,125 @@
+"""`kvfs recover`: rebuild etcd's metadata from the self-describing store objects."""
+
+import logging
+import sys
+import time
+
+from .errors import Corrupt, Exists, KvfsError
+from .meta import Entry, EtcdMeta, SessionInfo
+from .objects import HEADER_SIZE, decode_header, decode_xattrs
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """A one-line progress bar on a terminal, periodic log lines elsewhere."""
+
+    def __init__(self, what: str, total: int, stream=None):
+        self.what = what
+        self.total = total
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.last = 0.0
+
+    def __call__(self, done: int, total: int | None = None) -> None:
+        total = total or self.total
+        now = time.monotonic()
+        if done < total and now - self.last < (0.1 if self.tty else 5):
+            return
+        self.last = now
+        pct = 100 * done // max(total, 1)
+        if self.tty:
+            bar = "#" * (pct // 4)
+            self.stream.write(f"\r{self.what} [{bar:<25}] {done}/{total}")
+            if done >= total:
+                self.stream.write("\n")
+            self.stream.flush()
+        else:
+            log.info("%s: %d/%d (%d%%)", self.what, done, total, pct)
+
+
+def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
+    """Read every object's header: ({(session, name): Entry}, unreadable keys)."""
+    keys = list(store.list())
+    best: dict[tuple, Entry] = {}
+    bad: list[str] = []
+    superseded: list[str] = []
+    for i, key in enumerate(keys):
+        try:
+            meta, offset, size = decode_header(store.get(key, 0, HEADER_SIZE))
+            if offset != HEADER_SIZE:
+                raise Corrupt("unexpected data offset")
+            st = store.stat(key)
+            if st.size < HEADER_SIZE + size:
+                raise Corrupt(f"truncated: {st.size - HEADER_SIZE} of {size} bytes")
+            e = Entry(
+                session=meta["session"],
+                name=meta["name"],
+                size=int(meta["size"]),
+                mtime_ns=int(meta["mtime_ns"]),
+                ctime_ns=int(meta["ctime_ns"]),
+                object=key,
+                version=str(meta["version"]),
+                checksum=str(meta["checksum"]),
+                store=store.url,
+                mode=int(meta["mode"]),
+                uid=int(meta["uid"]),
+                gid=int(meta["gid"]),
+                xattrs=decode_xattrs(meta.get("xattrs") or {}),
+            )
+        except (KvfsError, KeyError, ValueError, TypeError) as exc:
+            log.warning("object %s skipped: %s", key, exc)
+            bad.append(key)
+            continue
+        k = (e.session, e.name)
+        old = best.get(k)
+        # the newest commit of a name wins; its predecessors were being replaced
+        if old is None or (e.ctime_ns, e.version) > (old.ctime_ns, old.version):
+            if old is not None:
+                superseded.append(old.object)
+            best[k] = e
+        else:
+            superseded.append(key)
+        if progress:
+            progress(i + 1, len(keys))
+    if progress and not keys:
+        progress(0, 0)
+    return best, bad + superseded
+
+
+def recover(store: Store, meta: EtcdMeta, progress=None, delete_stale: bool = False) -> dict:
+    """Publish every object found in STORE whose name etcd does not already hold."""
+    best, stale = scan(store, progress)
+    sessions: dict[str, SessionInfo] = {}
+    for e in best.values():
+        s = sessions.setdefault(e.session, SessionInfo(e.session, ctime_ns=e.ctime_ns))
+        s.ctime_ns = min(s.ctime_ns, e.ctime_ns)
+        s.mtime_ns = max(s.mtime_ns, e.mtime_ns)
+    created = restored = kept = 0
+    for s in sessions.values():
+        try:
+            meta.create_session(s)
+            created += 1
+        except Exists:
+            pass
+    for e in best.values():
+        current = meta.get_entry(e.session, e.name)
+        if current is not None:
+            kept += 1  # etcd still knows this name: it is the truth
+            continue
+        try:
+            meta.commit(e, expect_rev=0)
+            restored += 1
+        except KvfsError as exc:
+            log.warning("could not restore %s/%s: %s", e.session, e.name, exc)
+    if delete_stale:
+        for key in stale:
+            store.delete(key)
+    return {
+        "objects": len(best) + len(stale),
+        "sessions_created": created,
+        "entries_restored": restored,
+        "entries_kept": kept,
+        "stale_objects": len(stale),
+    }

@@ -1,0 +1,153 @@
+"""Pure units: names, the object format, configuration, the metadata cache."""
+
+import errno
+import json
+
+import pytest
+from safetensors import safe_open
+from safetensors.numpy import load
+
+from kvfs.config import Config, load_config
+from kvfs.errors import InvalidName, KvfsError
+from kvfs.meta import Entry, SessionInfo, WatchEvent
+from kvfs.metacache import MetaCache
+from kvfs.names import check_name
+from kvfs.objects import HEADER_SIZE, RunningChecksum, decode_header, encode_header
+
+
+@pytest.mark.parametrize("bad", [b"", b".", b"..", b"a/b", b"a\0b", b"\xff"])
+def test_invalid_names(bad):
+    with pytest.raises(InvalidName) as e:
+        check_name(bad)
+    assert e.value.errno == errno.EINVAL
+
+
+def test_name_length():
+    assert check_name(b"a" * 255) == "a" * 255
+    with pytest.raises(InvalidName) as e:
+        check_name(b"a" * 256)
+    assert e.value.errno == errno.ENAMETOOLONG
+
+
+def test_object_is_a_valid_safetensors_file(tmp_path):
+    data = bytes(range(256)) * 40
+    header = encode_header({"session": "s", "name": "layer.0", "size": len(data)}, len(data))
+    assert len(header) == HEADER_SIZE
+    (tmp_path / "o.kv").write_bytes(header + data)
+    with safe_open(str(tmp_path / "o.kv"), framework="numpy") as f:
+        assert f.metadata()["session"] == "s"
+        assert f.get_tensor("data").tobytes() == data
+    meta, offset, size = decode_header(header)
+    assert (meta["session"], meta["name"], offset, size) == ("s", "layer.0", HEADER_SIZE, len(data))
+    assert load(header + data)["data"].tobytes() == data
+
+
+def test_empty_object_and_unicode_names():
+    header = encode_header({"session": "会话", "name": "é" * 127, "size": 0}, 0)
+    meta, _, size = decode_header(header)
+    assert meta["session"] == "会话" and size == 0
+
+
+def test_header_rejects_garbage():
+    with pytest.raises(KvfsError):
+        decode_header(b"\x00" * 16)
+    with pytest.raises(KvfsError):
+        decode_header(b"\xff" * 8 + b"{}")
+
+
+def test_running_checksum_detects_out_of_order():
+    c = RunningChecksum()
+    c.update(b"abc", 0)
+    c.update(b"def", 3)
+    assert c.valid and c.upto == 6
+    c.update(b"x", 1)
+    assert not c.valid
+
+
+def test_config_original_keys(tmp_path):
+    p = tmp_path / "config.json"
+    p.write_text(
+        json.dumps(
+            {
+                "kv_transfer_config": {
+                    "storage_type": "local",
+                    "local_dir": "/data/kv",
+                    "etcd_endpoints": ["127.0.0.1:2379", "127.0.0.1:22379"],
+                    "kv_expire_time": 600,
+                    "cleanup_interval": 60,
+                    "enable_ssd_caching": False,
+                    "ssd_cache_dir": "/tmp/ssd",
+                    "enable_prefetch": True,
+                },
+                "rank": 0,
+                "local_rank": 0,
+            }
+        )
+    )
+    cfg = load_config(str(p), env={})
+    assert cfg.store == "local:/data/kv"
+    assert cfg.etcd == ["127.0.0.1:2379", "127.0.0.1:22379"]
+    assert (cfg.ttl, cfg.cleanup_interval) == (600, 60)
+    cfg = load_config(str(p), env={"KVFS_TTL": "30"}, overrides={"cleanup_interval": "5"})
+    assert (cfg.ttl, cfg.cleanup_interval) == (30, 5)
+
+
+@pytest.mark.parametrize(
+    "doc,needle",
+    [
+        ({"kv_transfer_config": {"kv_expire_tme": 1}}, "kv_expire_tme"),
+        ({"ttl": "soon"}, "'ttl'"),
+        ({"capacity": -5}, "'capacity'"),
+        ({"local_dir": "/x"}, "kv_transfer_config"),
+    ],
+)
+def test_config_errors_name_the_key(tmp_path, doc, needle):
+    p = tmp_path / "c.json"
+    p.write_text(json.dumps(doc))
+    with pytest.raises(KvfsError) as e:
+        load_config(str(p), env={})
+    assert needle in str(e.value)
+
+
+def test_capacity_suffixes():
+    assert load_config(None, env={}, overrides={"capacity": "10G"}).capacity == 10 << 30
+    assert Config().capacity is None
+
+
+def _entry(name, rev, size=1, session="s"):
+    return Entry(session=session, name=name, size=size, rev=rev, version=f"v{rev}")
+
+
+def test_cache_levels_and_coherence():
+    c = MetaCache(max_sessions=4, max_layers=8, max_recent=2)
+    assert c.lookup_entry("s", "a") == (False, None)
+    c.fill_entry("s", "a", _entry("a", 5), c.epoch)
+    assert c.lookup_entry("s", "a")[1].rev == 5  # from the layer level
+    assert c.lookup_entry("s", "a")[1].rev == 5  # now from the recent level
+    assert c.stats["layer"].hits == 1 and c.stats["recent"].hits == 1
+    # a watch event replaces it; an older event arriving late does not
+    c.apply(WatchEvent("entry", "s", "a", _entry("a", 7).to_json(), 7))
+    c.apply(WatchEvent("entry", "s", "a", _entry("a", 6).to_json(), 6))
+    assert c.lookup_entry("s", "a")[1].rev == 7
+    c.apply(WatchEvent("entry", "s", "a", None, 8))
+    assert c.lookup_entry("s", "a") == (True, None)
+
+
+def test_cache_fill_racing_a_watch_event_is_not_kept():
+    c = MetaCache()
+    epoch = c.epoch
+    c.apply(WatchEvent("entry", "s", "b", _entry("b", 9).to_json(), 9))
+    c.fill_entry("s", "a", _entry("a", 3), epoch)  # fetched before the event: maybe stale
+    assert c.lookup_entry("s", "a") == (False, None)
+
+
+def test_cache_session_listing_answers_negatives_and_is_bounded():
+    c = MetaCache(max_sessions=2, max_layers=3, max_recent=1)
+    c.fill_listing("s", SessionInfo("s", rev=1), [_entry("a", 2)], c.epoch)
+    assert c.lookup_entry("s", "zzz") == (True, None)
+    assert c.stats["session"].hits == 1
+    for i in range(10):
+        c.fill_entry("t", f"n{i}", _entry(f"n{i}", i + 1, session="t"), c.epoch)
+        c.fill_session(f"x{i}", SessionInfo(f"x{i}", rev=1), c.epoch)
+    sizes = c.statistics()["sizes"]
+    assert sizes["layer"] <= 3 and sizes["session"] <= 2 and sizes["recent"] <= 1

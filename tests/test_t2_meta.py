@@ -1,0 +1,95 @@
+"""The etcd metadata layer against a real etcd."""
+
+import threading
+import time
+import uuid
+
+import pytest
+
+from kvfs.errors import Conflict, Exists, MetaUnavailable, NotEmpty, NotFound
+from kvfs.meta import Entry, EtcdMeta, SessionInfo
+
+
+@pytest.fixture
+def meta(etcd):
+    m = EtcdMeta(etcd.endpoints, prefix=f"/u-{uuid.uuid4().hex[:8]}/")
+    yield m
+    m.close()
+
+
+def test_sessions(meta):
+    meta.create_session(SessionInfo("s", ctime_ns=1, mtime_ns=1))
+    with pytest.raises(Exists):
+        meta.create_session(SessionInfo("s"))
+    assert [s.name for s in meta.list_sessions()] == ["s"]
+    meta.commit(Entry("s", "a", size=3, mtime_ns=2))
+    with pytest.raises(NotEmpty):
+        meta.delete_session("s")
+    meta.delete_entry("s", "a")
+    meta.delete_session("s")
+    assert meta.get_session("s") is None
+    with pytest.raises(NotFound):
+        meta.delete_session("s")
+
+
+def test_commit_returns_replaced_and_needs_session(meta):
+    with pytest.raises(NotFound):
+        meta.commit(Entry("nosession", "a"))
+    meta.create_session(SessionInfo("s"))
+    assert meta.commit(Entry("s", "a", object="o1")) is None
+    prev = meta.commit(Entry("s", "a", object="o2"))
+    assert prev.object == "o1"
+    e = meta.get_entry("s", "a")
+    assert e.object == "o2" and e.rev > 0
+    with pytest.raises(Conflict):
+        meta.commit(Entry("s", "a", object="o3"), expect_rev=e.rev - 1)
+
+
+def test_rename_is_atomic(meta):
+    meta.create_session(SessionInfo("s"))
+    meta.create_session(SessionInfo("t"))
+    meta.commit(Entry("s", "a", object="oa"))
+    meta.commit(Entry("t", "b", object="ob"))
+    replaced = meta.rename_entry(meta.get_entry("s", "a"), "t", "b")
+    assert replaced.object == "ob"
+    assert meta.get_entry("s", "a") is None and meta.get_entry("t", "b").object == "oa"
+
+
+def test_watch_sees_changes(meta):
+    seen = []
+    done = threading.Event()
+
+    def cb(events):
+        if isinstance(events, Exception):
+            return
+        seen.extend(events)
+        if any(ev.kind == "entry" and ev.value is None for ev in events):
+            done.set()
+
+    wid = meta.watch(cb, meta.revision() + 1)
+    meta.create_session(SessionInfo("w"))
+    meta.commit(Entry("w", "x", object="o"))
+    meta.delete_entry("w", "x")
+    assert done.wait(5)
+    kinds = [(ev.kind, ev.name, ev.value is None) for ev in seen]
+    assert ("entry", "x", False) in kinds and ("entry", "x", True) in kinds
+    meta.cancel_watch(wid)
+
+
+def test_lock_is_exclusive(meta):
+    a = meta.try_lock("gc", 10, "node-a")
+    assert a is not None
+    assert meta.try_lock("gc", 10, "node-b") is None
+    meta.unlock(a)
+    b = meta.try_lock("gc", 10, "node-b")
+    assert b is not None
+    meta.unlock(b)
+
+
+def test_unreachable_etcd_fails_fast():
+    m = EtcdMeta("127.0.0.1:1", timeout=1.0)
+    t0 = time.monotonic()
+    with pytest.raises(MetaUnavailable):
+        m.get_entry("s", "a")
+    assert time.monotonic() - t0 < 5
+    m.close()
