@@ -122,6 +122,10 @@ class PendingFile:
         self.writer.commit()
         self.closed = True
 
+    def published(self) -> None:
+        """etcd has the entry: the store may drop its intent record."""
+        self.writer.finish()
+
     def abort(self) -> None:
         if not self.closed:
             self.writer.abort()

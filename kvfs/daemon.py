@@ -89,9 +89,17 @@ class Daemon:
         except Exception:
             self.close_backends()
             raise
-        n = self.store.clean_staging()
+        n = self.store.clean_staging(self._is_live)
         if n:
-            log.info("removed %d leftover staged writes from an earlier run", n)
+            log.info("settled %d writes an earlier run left unfinished", n)
+
+    def _is_live(self, key: str) -> bool:
+        """Does etcd reference object KEY? (its header names the entry)"""
+        from .objects import HEADER_SIZE, decode_header
+
+        meta, _, _ = decode_header(self.store.get(key, 0, HEADER_SIZE))
+        entry = self.meta.get_entry(meta["session"], meta["name"])
+        return entry is not None and entry.object == key
 
     def close_backends(self) -> None:
         if self.meta is not None:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 import trio
 
 from .commit import PendingFile
-from .errors import Conflict, Exists, KvfsError, NoSpace, NotEmpty, NotFound
+from .errors import Conflict, Exists, KvfsError, MetaUnavailable, NoSpace, NotEmpty, NotFound
 from .meta import Entry, EtcdMeta, SessionInfo, WatchEvent
 from .metacache import MetaCache
 from .objects import HEADER_SIZE, encode_header, encode_xattrs
@@ -280,11 +280,17 @@ class Namespace:
         await self.call_io(p.finish, header)
         try:
             prev = await self.call_meta(self.meta.commit, entry)
+        except MetaUnavailable:
+            # etcd may or may not have applied it: leave the intent record, the
+            # next start of this node settles it against etcd
+            raise
         except BaseException:
             # the object is durable but unpublished: drop it, the old version stands
             with trio.CancelScope(shield=True):
                 await self.call_io(self.store.delete, p.key)
+                await self.call_io(p.published)
             raise
+        await self.call_io(p.published)
         self.cache.put_entry(entry)
         self._index_set(entry.session, entry.name, entry)
         if prev is not None and prev.object != entry.object:

@@ -1,5 +1,6 @@
 """The store contract, held by every store: the real `local` one and the in-memory fake."""
 
+import os
 from importlib.metadata import entry_points
 
 import pytest
@@ -55,6 +56,7 @@ def test_staged_writer_invisible_until_commit(store):
     assert w.size() == 11 and w.pread(5, 0) == b"hello"
     assert not store.exists("cc/new.kv")
     w.commit()
+    w.finish()
     assert store.get("cc/new.kv") == b"hello" + bytes(5) + b"!"
 
 
@@ -87,6 +89,22 @@ def test_local_staging_cleaned_at_start(tmp_path):
     again = LocalStore(str(tmp_path / "st"), node="n1")
     assert again.clean_staging() == 1
     assert other.clean_staging() == 1  # each node cleans only its own
+
+
+def test_local_interrupted_commits_are_settled(tmp_path):
+    s = LocalStore(str(tmp_path / "st"), node="n1")
+    done = s.writer("aa/live.kv")
+    done.pwrite(b"committed, etcd has it", 0)
+    done.commit()  # crash before finish(): the intent record remains
+    lost = s.writer("aa/lost.kv")
+    lost.pwrite(b"published, etcd never heard", 0)
+    lost.commit()
+    staged = s.writer("aa/staged.kv")
+    staged.pwrite(b"never published", 0)
+    again = LocalStore(str(tmp_path / "st"), node="n1")
+    assert again.clean_staging(lambda key: key == "aa/live.kv") == 3
+    assert sorted(again.list()) == ["aa/live.kv"]
+    assert os.listdir(again.staging_dir) == []
 
 
 def test_local_rejects_escaping_keys(tmp_path):

@@ -42,6 +42,9 @@ class StoreWriter(ABC):
     def commit(self) -> None:
         """Make the object durable and visible under its key."""
 
+    def finish(self) -> None:  # noqa: B027 - a store without intent records has nothing to do
+        """The commit is final (etcd has it): forget the intent record; never raises."""
+
     @abstractmethod
     def abort(self) -> None:
         """Drop the staged bytes; never raises."""
@@ -106,8 +109,12 @@ class Store(ABC):
         """Capacity of the medium, when the store can tell."""
         return None
 
-    def clean_staging(self) -> int:
-        """Remove leftovers of writes this node never committed; returns a count."""
+    def clean_staging(self, is_live=None) -> int:
+        """Settle this node's interrupted commits; returns how many were found.
+
+        IS_LIVE(key) tells whether etcd references an object: such objects
+        stay, any other leftover of this node is removed.
+        """
         return 0
 
     def close(self) -> None:  # noqa: B027 - most stores hold nothing to release

@@ -5,7 +5,7 @@ import os
 import uuid
 from collections.abc import Iterator
 
-from ..errors import NoSpace, NotFound, StoreError
+from ..errors import KvfsError, NoSpace, NotFound, StoreError
 from .base import ObjectStat, Store, StoreReader, StoreWriter, Usage
 
 
@@ -18,10 +18,14 @@ def _oserror(exc: OSError, what: str):
 
 
 class LocalWriter(StoreWriter):
+    """Staged in DIR/staging/NODE/<key with / as %>; that name doubles as the
+    intent record of a commit in flight until `finish` removes it."""
+
     def __init__(self, store: "LocalStore", key: str):
         self._store = store
         self._key = key
-        self._tmp = os.path.join(store.staging_dir, uuid.uuid4().hex)
+        self._tmp = os.path.join(store.staging_dir, key.replace("/", "%"))
+        self._published = False
         try:
             self._fd = os.open(self._tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         except OSError as exc:
@@ -53,25 +57,42 @@ class LocalWriter(StoreWriter):
             os.close(self._fd)
             self._fd = -1
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            os.rename(self._tmp, path)
+            # a hard link, not a rename: the staged name stays as the intent
+            # record until etcd has the entry (see LocalStore.clean_staging)
+            # (through a temporary name, so an existing object is replaced atomically)
+            tmp_link = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+            os.link(self._tmp, tmp_link)
+            os.rename(tmp_link, path)
+            self._published = True
             if self._store.durable:
-                dfd = os.open(os.path.dirname(path), os.O_RDONLY)
-                try:
-                    os.fsync(dfd)
-                finally:
-                    os.close(dfd)
+                _fsync_dir(os.path.dirname(path))
         except OSError as exc:
             self.abort()
             raise _oserror(exc, f"commit {self._key}") from exc
+
+    def finish(self) -> None:
+        try:
+            os.unlink(self._tmp)
+        except OSError:
+            pass
 
     def abort(self) -> None:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        try:
-            os.unlink(self._tmp)
-        except OSError:
-            pass
+        for p in ([self._store.path(self._key)] if self._published else []) + [self._tmp]:
+            try:
+                os.unlink(p)
+            except OSError:
+                pass
+
+
+def _fsync_dir(path: str) -> None:
+    dfd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 class LocalReader(StoreReader):
@@ -125,6 +146,7 @@ class LocalStore(Store):
             w.abort()
             raise
         w.commit()
+        w.finish()
 
     def get(self, key: str, offset: int = 0, size: int = -1) -> bytes:
         try:
@@ -149,6 +171,8 @@ class LocalStore(Store):
         for dirpath, _dirs, files in os.walk(self.objects_dir):
             rel = os.path.relpath(dirpath, self.objects_dir)
             for f in files:
+                if f.endswith(".tmp"):
+                    continue
                 key = f if rel == "." else f"{rel}/{f}"
                 if key.startswith(prefix):
                     yield key
@@ -181,11 +205,28 @@ class LocalStore(Store):
         st = os.statvfs(self.root)
         return Usage(total=st.f_blocks * st.f_frsize, free=st.f_bavail * st.f_frsize)
 
-    def clean_staging(self) -> int:
+    def clean_staging(self, is_live=None) -> int:
+        """Settle this node's commits that a crash interrupted.
+
+        A staged name whose object IS_LIVE(key) confirms (etcd references it)
+        was committed: only the intent goes. Anything else never committed:
+        the staged bytes and any published object go.
+        """
         n = 0
         for f in os.listdir(self.staging_dir):
+            key = f.replace("%", "/")
+            staged = os.path.join(self.staging_dir, f)
             try:
-                os.unlink(os.path.join(self.staging_dir, f))
+                live = is_live is not None and os.path.exists(self.path(key)) and is_live(key)
+            except Exception:
+                continue  # cannot tell now (etcd down?): decide at the next start
+            try:
+                if not live:
+                    try:
+                        os.unlink(self.path(key))
+                    except (FileNotFoundError, KvfsError):
+                        pass
+                os.unlink(staged)
                 n += 1
             except OSError:
                 pass
