@@ -4,6 +4,7 @@ import os
 import subprocess
 
 import pytest
+
 from conftest import CHUNK, PROMPTS
 
 pytestmark = pytest.mark.vllm

@@ -1,0 +1,259 @@
+"""Keys, chunk files and the engine-neutral API, without vLLM (fast)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+
+from kvfs_connector import RetrieveStatus, StoreStatus, init_engine
+from kvfs_connector.chunkfile import ChunkError, ChunkFile, decode_tokens, write_chunk
+from kvfs_connector.keys import KeySpace, derived_session, token_chain, valid_session
+from kvfs_connector.plan import ChunkOp
+from kvfs_connector.scheduler import SchedulerSide
+from kvfs_connector.settings import Settings
+from kvfs_connector.worker import expected_metadata
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def space(**kw) -> KeySpace:
+    base = dict(model="m", dtype="float32", layout="L", chunk_size=4, num_layers=2)
+    base.update(kw)
+    return KeySpace(**base)
+
+
+# -- keys ---------------------------------------------------------------------
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(st.integers(0, 50_000), min_size=8, max_size=40),
+    st.integers(0, 39),
+    st.integers(1, 50_000),
+)
+def test_chain_links_depend_on_the_whole_prefix(tokens, pos, delta):
+    pos %= len(tokens)
+    other = list(tokens)
+    other[pos] = (other[pos] + delta) % 50_001
+    a, b = token_chain(tokens, 4), token_chain(other, 4)
+    assert len(a) == len(tokens) // 4
+    changed_chunk = pos // 4
+    # Chunks before the change are shared, every chunk from it on differs.
+    assert a[:changed_chunk] == b[:changed_chunk]
+    assert all(x != y for x, y in zip(a[changed_chunk:], b[changed_chunk:], strict=True))
+
+
+def test_key_space_separates_models_dtypes_layouts_and_ranks():
+    link = token_chain(list(range(4)), 4)[0]
+    variants = [
+        space(),
+        space(model="other"),
+        space(dtype="bfloat16"),
+        space(layout="L2"),
+        space(tp_rank=1, tp_size=2),
+        space(tp_rank=0, tp_size=2),
+        space(pp_rank=1, pp_size=2),
+        space(num_layers=3),
+    ]
+    names = {s.file_name(0, link) for s in variants}
+    assert len(names) == len(variants)
+    assert space(tp_rank=1, tp_size=2).file_name(0, link).split(".")[1] == "tp1"
+    assert space().file_name(2, link).startswith("000008-000012.tp0.")
+
+
+def test_session_names():
+    link = token_chain(list(range(4)), 4)[0]
+    s = derived_session("/models/Qwen3 0.6B/", link)
+    assert s.startswith("Qwen3-0.6B-") and valid_session(s)
+    for bad in ["", ".", "..", "a/b", "a\0b", "x" * 256, None, 3]:
+        assert not valid_session(bad)
+    assert valid_session("x" * 255)
+    assert valid_session("chat-42")
+
+
+# -- chunk files ----------------------------------------------------------------
+
+
+def sample_chunk(tmp_path, **meta):
+    tensors = {
+        "model.layers.0.self_attn.attn": torch.randn(2, 2, 32, 64),
+        "model.layers.1.self_attn.attn": torch.randn(2, 2, 32, 64),
+    }
+    path = str(tmp_path / "c.safetensors")
+    write_chunk(path, tensors, {"model": "m", "tokens": "", **meta})
+    return path, tensors
+
+
+def test_chunk_file_is_plain_safetensors(tmp_path):
+    path, tensors = sample_chunk(tmp_path, format="kvfs-kv/1")
+    with safe_open(path, "pt") as f:
+        assert f.metadata()["format"] == "kvfs-kv/1"
+        for name, t in tensors.items():
+            assert torch.equal(f.get_tensor(name), t)
+            assert f.metadata()[f"crc32.{name}"]
+    with ChunkFile(path) as f:
+        f.expect({"model": "m"})
+        for name, t in tensors.items():
+            f.expect_tensor(name, torch.float32, t.shape)
+            assert torch.equal(f.read_tensor(name), t)
+
+
+def test_chunk_file_reads_into_scattered_destinations(tmp_path):
+    path, tensors = sample_chunk(tmp_path)
+    name, t = next(iter(tensors.items()))
+    paged = torch.zeros(5, 2, 32, 64)
+    dests = [paged[3], paged[1]]
+    with ChunkFile(path) as f:
+        f.read_into(name, [memoryview(d.view(torch.uint8).numpy()).cast("B") for d in dests])
+    assert torch.equal(paged[3], t[0]) and torch.equal(paged[1], t[1])
+
+
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda b: b[:-100], "truncated data"),
+        (lambda b: b[:5], "truncated header"),
+        (lambda b: b + b"x", "trailing bytes"),
+        (lambda b: b[:-8] + bytes(x ^ 1 for x in b[-8:]), "checksum mismatch"),
+        (lambda b: b[:8] + b"[" + b[9:], "unreadable header"),
+    ],
+)
+def test_damaged_chunk_files_are_refused(tmp_path, damage, reason):
+    path, tensors = sample_chunk(tmp_path)
+    Path(path).write_bytes(damage(Path(path).read_bytes()))
+    with pytest.raises(ChunkError) as e:
+        with ChunkFile(path) as f:
+            for name in tensors:
+                f.read_tensor(name)
+    assert reason in e.value.reason
+
+
+def test_foreign_chunk_files_are_refused(tmp_path):
+    path, tensors = sample_chunk(tmp_path)
+    name = next(iter(tensors))
+    with ChunkFile(path) as f:
+        with pytest.raises(ChunkError, match="model is 'm', expected 'other'"):
+            f.expect({"model": "other"})
+        with pytest.raises(ChunkError, match="BF16"):
+            f.expect_tensor(name, torch.bfloat16, [2, 2, 32, 64])
+        with pytest.raises(ChunkError, match="expected F32"):
+            f.expect_tensor(name, torch.float32, [2, 2, 16, 64])
+        with pytest.raises(ChunkError, match="no tensor"):
+            f.expect_tensor("model.layers.9.self_attn.attn", torch.float32, [2, 2, 32, 64])
+    with pytest.raises(ChunkError, match="missing"):
+        ChunkFile(str(tmp_path / "nope"))
+
+
+def test_a_rank_refuses_another_ranks_file(tmp_path):
+    link = token_chain(list(range(4)), 4)[0]
+    op = ChunkOp("r", "s", 0, link.hex(), "00", [0])
+    rank1, rank0 = space(tp_rank=1, tp_size=2), space(tp_rank=0, tp_size=2)
+    path = str(tmp_path / "f")
+    write_chunk(path, {"x": torch.zeros(1)}, expected_metadata(rank1, op))
+    with ChunkFile(path) as f:
+        f.expect(expected_metadata(rank1, op))
+        with pytest.raises(ChunkError, match="key is"):
+            f.expect(expected_metadata(rank0, op))
+
+
+def test_scheduler_hits_only_when_every_rank_has_the_chunk(tmp_path):
+    spaces = [space(tp_rank=r, tp_size=2, chunk_size=64) for r in range(2)]
+    sched = SchedulerSide(Settings(mount=str(tmp_path)), spaces, 32, log=SimpleNamespace())
+    tokens = list(range(3, 3 + 200))
+    req = SimpleNamespace(
+        request_id="r1", prompt_token_ids=tokens, kv_transfer_params={"kvfs_session": "s"}
+    )
+    links = token_chain(tokens, 64)
+    (tmp_path / "s").mkdir()
+    for i in range(3):  # rank 0 has all three chunks, rank 1 only the first two
+        (tmp_path / "s" / spaces[0].file_name(i, links[i])).write_bytes(b"")
+    for i in range(2):
+        (tmp_path / "s" / spaces[1].file_name(i, links[i])).write_bytes(b"")
+    assert sched.get_num_new_matched_tokens(req, 0) == (128, False)
+    assert sched.get_num_new_matched_tokens(req, 64) == (64, False)
+
+
+# -- the engine-neutral API -----------------------------------------------------------
+
+
+def api_engine(mount, **kw):
+    cfg = dict(mount=str(mount), model_id="m1", dtype="float32", num_layers=2, chunk_size=8)
+    cfg.update(kw)
+    return init_engine(cfg)
+
+
+def test_api_store_and_retrieve_longest_prefix(tmp_path):
+    eng = api_engine(tmp_path)
+    ids = list(range(100, 130))  # 3 whole chunks of 8, and 6 more tokens
+    kv = [torch.randn(30, 2, 4), torch.randn(30, 2, 4)]
+    assert eng.should_retrieve(ids) is RetrieveStatus.MISS
+    assert eng.should_store(ids) is StoreStatus.STORED
+    assert eng.store_kv(ids, kv) == 24
+    assert eng.should_store(ids) is StoreStatus.SKIPPED
+    r = eng.retrieve_kv(ids)
+    assert r.status is RetrieveStatus.HIT and r.num_tokens == 24
+    assert all(torch.equal(a, b[:24]) for a, b in zip(r.kv_caches, kv, strict=True))
+    # A prompt sharing the first two chunks gets exactly those.
+    other = ids[:16] + [7] * 14
+    r = eng.retrieve_kv(other, session=eng._session(token_chain(ids, 8), None))
+    assert r.num_tokens == 16
+    assert all(torch.equal(a, b[:16]) for a, b in zip(r.kv_caches, kv, strict=True))
+    # Another model never sees these chunks.
+    assert api_engine(tmp_path, model_id="m2").retrieve_kv(ids).status is RetrieveStatus.MISS
+
+
+def test_api_damaged_chunk_ends_the_prefix(tmp_path):
+    eng = api_engine(tmp_path)
+    ids = list(range(100, 124))
+    eng.store_kv(ids, [torch.randn(24, 3), torch.randn(24, 3)], session="s")
+    files = sorted((tmp_path / "s").iterdir())
+    data = bytearray(files[1].read_bytes())
+    data[-1] ^= 0xFF
+    files[1].write_bytes(bytes(data))
+    r = eng.retrieve_kv(ids, session="s")
+    assert r.num_tokens == 8
+    assert len(r.errors) == 1 and "checksum" in r.errors[0]
+
+
+def test_api_stores_token_ids_in_the_header(tmp_path):
+    eng = api_engine(tmp_path)
+    ids = list(range(100, 108))
+    eng.store_kv(ids, [torch.randn(8, 3), torch.randn(8, 3)], session="s")
+    (f,) = (tmp_path / "s").iterdir()
+    with ChunkFile(str(f)) as c:
+        assert decode_tokens(c.metadata["tokens"]) == ids
+        assert c.metadata["model"] == "m1"
+
+
+def test_hf_example_output_is_the_same_with_a_cached_prefix(kvfs_mount, tiny_models):
+    p = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "hf_generate.py"),
+            "--model",
+            str(tiny_models["tiny-a"]),
+            "--mount",
+            str(kvfs_mount.path),
+            "--session",
+            "hf-demo",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, HF_HUB_OFFLINE="1"),
+    )
+    assert p.returncode == 0, p.stderr[-4000:]
+    import json
+
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    assert r["cold_hit_tokens"] == 0
+    assert r["warm_hit_tokens"] >= r["prompt_tokens"] // 2
+    assert r["no_cache"] == r["cold"] == r["warm"]
+    assert os.listdir(kvfs_mount.path / "hf-demo")
