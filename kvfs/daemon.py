@@ -304,6 +304,7 @@ class Daemon:
             touch_interval=cfg.touch_every(),
             status_fn=lambda: json.dumps(self.status(), separators=(",", ":")),
             control_fn=self.control,
+            mountpoint=self.mountpoint,
         )
         opts = set(pyfuse3.default_options)
         opts |= {"fsname=kvfs", "subtype=kvfs"}

@@ -75,6 +75,22 @@ def tgid(pid: int) -> int:
     return pid
 
 
+def holds_file(pid: int, path: str) -> bool:
+    """Does process PID still have PATH open? (readlink only: never enters FUSE)"""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"{fd_dir}/{fd}") == path:
+                return True
+        except OSError:
+            pass
+    return False
+
+
 def _fuse_error(exc: KvfsError) -> pyfuse3.FUSEError:
     return pyfuse3.FUSEError(exc.errno)
 
@@ -148,6 +164,7 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         touch_interval: float = 60.0,
         status_fn=None,
         control_fn=None,
+        mountpoint: str = "",
     ):
         super().__init__()
         self.ns = ns
@@ -164,6 +181,8 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         self.uid = os.getuid()
         self.gid = os.getgid()
         self.started = time.time_ns()
+        self.mountpoint = mountpoint
+        self.proc_limiter = trio.CapacityLimiter(4)
 
     # -- inode table ----------------------------------------------------------------
 
@@ -710,7 +729,9 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         if h.pending is not None:
             return
         node = h.node
-        base = None if empty else await self.ns.get_entry(node.session, node.name)
+        # a truncating open starts empty but, as on any filesystem, the file
+        # keeps its mode, owner and attributes
+        base = await self.ns.get_entry(node.session, node.name)
         mode = base.mode if base else stat.S_IFREG | 0o644
         uid = base.uid if base else self.uid
         gid = base.gid if base else self.gid
@@ -718,7 +739,7 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         p = await self.ns.new_pending(
             node.session, node.name, mode=mode, uid=uid, gid=gid, xattrs=xattrs
         )
-        if base is not None and base.size:
+        if base is not None and base.size and not empty:
             reader = await self.ns.call_io(self.ns.store.reader, base.object)
             try:
                 await self.ns.call_io(p.copy_from, reader, base.size)
@@ -800,10 +821,12 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             self._node(entry.session, entry.name)
 
     async def flush(self, fh):
-        # Every close(2) of every descriptor lands here, including a forked
-        # child closing an inherited one, so this cannot commit: the commit
-        # waits for release (the last close). It does check that the commit
-        # can happen, so close(2) reports a dead etcd or a deleted session.
+        # Every close(2) of every descriptor lands here, also a forked child
+        # closing an inherited one (before its exec). So the commit happens
+        # here only when the process that opened the file no longer holds it:
+        # its own close. Otherwise the commit waits for release (the last
+        # close) and flush only checks it could happen. Either way close(2)
+        # reports the errno of a commit that cannot happen.
         h = self.handles.get(fh)
         if h is None or h.pending is None or not h.pending.dirty:
             return
@@ -815,10 +838,24 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
                 else pyfuse3.FUSEError(errno.EIO)
             )
         try:
-            await self.ns.check_commit(h.pending)
+            if await self._owner_closed(h):
+                await self._commit(h)
+            else:
+                await self.ns.check_commit(h.pending)
         except KvfsError as exc:
             log.warning("%s/%s cannot be committed: %s", h.node.session, h.node.name, exc)
+            if h.pending is not None:
+                await self.ns.call_io(h.pending.abort)
+                h.pending = None
             raise _fuse_error(exc) from None
+
+    async def _owner_closed(self, h: Handle) -> bool:
+        if not self.mountpoint or not h.owner:
+            return False
+        path = os.path.join(self.mountpoint, h.node.session, h.node.name)
+        return not await trio.to_thread.run_sync(
+            holds_file, h.owner, path, limiter=self.proc_limiter
+        )
 
     async def _await_closing_writers(self, node: Node) -> None:
         """Let a just-closed writer's commit land before a reader looks.

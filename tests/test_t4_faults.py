@@ -1,0 +1,195 @@
+"""Faults injected for real: a killed daemon, lost etcd data, etcd down, a full
+store, objects damaged behind the daemon's back."""
+
+import errno
+import hashlib
+import os
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import KVFS, EtcdCluster, wait_for
+
+HERE = Path(__file__).parent
+
+
+def committed_objects(m):
+    out = set()
+    for session in os.listdir(m.path):
+        for name in os.listdir(m.path / session):
+            out.add(os.getxattr(m.path / session / name, "user.kvfs.object").decode())
+    return out
+
+
+def store_objects(m):
+    return {str(p.relative_to(m.store / "objects")) for p in (m.store / "objects").rglob("*.kv")}
+
+
+def test_sigkill_mid_writes_loses_nothing_committed(make_mount, tmp_path):
+    m = make_mount()
+    journal = tmp_path / "journal"
+    w = subprocess.Popen([sys.executable, str(HERE / "faultwriter.py"), str(m.path), str(journal)])
+    wait_for(
+        lambda: journal.exists() and len(journal.read_text().splitlines()) >= 25,
+        60,
+        what="writes under way",
+    )
+    m.kill()
+    assert w.wait(30) == 0
+    m.mount()
+    committed = dict(line.split() for line in journal.read_text().splitlines())
+    assert len(committed) >= 25
+    for rel, digest in committed.items():
+        assert hashlib.sha256((m.path / rel).read_bytes()).hexdigest() == digest, rel
+    # nothing partial: every visible file verifies itself
+    for session in os.listdir(m.path):
+        for name in os.listdir(m.path / session):
+            body = (m.path / session / name).read_bytes()
+            (n,) = struct.unpack_from("<Q", body)
+            assert len(body) == 40 + n and hashlib.sha256(body[40:]).digest() == body[8:40]
+    # the interrupted write left nothing behind in the store
+    assert os.listdir(m.store / "staging" / m.status()["node"]) == []
+    assert store_objects(m) == committed_objects(m)
+
+
+def test_recover_rebuilds_metadata_from_the_store(make_mount, etcd):
+    m = make_mount("--no-touch-on-read")  # reads below must not move mtimes
+    (m.path / "chat-1").mkdir()
+    (m.path / "chat-2").mkdir()
+    tree = {}
+    for s in ("chat-1", "chat-2"):
+        for i in range(4):
+            p = m.path / s / f"layer.{i}"
+            p.write_bytes(os.urandom(1000 * (i + 1)))
+            os.setxattr(p, "user.model", f"tiny-{s}".encode())
+    os.utime(m.path / "chat-1" / "layer.0", (1_700_000_000, 1_700_000_000))
+    (m.path / "chat-2" / "layer.3").write_bytes(b"replaced")
+    for s in ("chat-1", "chat-2"):
+        for name in os.listdir(m.path / s):
+            p = m.path / s / name
+            st = os.stat(p)
+            tree[f"{s}/{name}"] = (p.read_bytes(), st.st_mtime_ns, os.getxattr(p, "user.model"))
+    m.umount()
+    # etcd's data for this filesystem is lost
+    subprocess.run(
+        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "ETCDCTL_API": "3"},
+    )
+    m.mount()
+    assert os.listdir(m.path) == []
+    out = subprocess.run(
+        KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True
+    )
+    assert "recovered 8 entries" in out.stdout, out.stdout + out.stderr
+    got = {}
+    for s in sorted(os.listdir(m.path)):
+        for name in os.listdir(m.path / s):
+            p = m.path / s / name
+            got[f"{s}/{name}"] = (
+                p.read_bytes(),
+                os.stat(p).st_mtime_ns,
+                os.getxattr(p, "user.model"),
+            )
+    assert got == tree
+
+
+@pytest.fixture
+def lone_etcd(tmp_path):
+    c = EtcdCluster(tmp_path / "lone", 1).start()
+    yield c
+    c.stop()
+
+
+def test_etcd_down_fails_promptly_then_recovers(make_mount, lone_etcd):
+    m = make_mount(etcd_endpoints=lone_etcd.endpoints)
+    (m.path / "s").mkdir()
+    (m.path / "s" / "before").write_bytes(b"b")
+    lone_etcd.members[0].stop()
+    for op in (
+        lambda: (m.path / "new-session").mkdir(),
+        lambda: (m.path / "s" / "during").write_bytes(b"d"),
+        lambda: os.listdir(m.path),
+    ):
+        t0 = time.monotonic()
+        with pytest.raises(OSError) as e:
+            op()
+        assert e.value.errno == errno.ETIMEDOUT
+        assert time.monotonic() - t0 < 10
+    assert m.status()["etcd"]["errors"] > 0  # the daemon is up and says why
+    lone_etcd.members[0].start()
+    wait_for(
+        lambda: _ok(lambda: (m.path / "s" / "after").write_bytes(b"a")),
+        30,
+        0.2,
+        what="writes again once etcd is back",
+    )
+    assert sorted(os.listdir(m.path / "s")) == ["after", "before"]
+    assert (m.path / "s" / "before").read_bytes() == b"b"
+
+
+def _ok(fn):
+    try:
+        fn()
+        return True
+    except OSError:
+        return False
+
+
+def test_full_store_gives_enospc_and_keeps_other_files(make_mount, tmp_path):
+    store = tmp_path / "small"
+    store.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(store)], check=True)
+    try:
+        m = make_mount(store=store)
+        (m.path / "s").mkdir()
+        (m.path / "s" / "keep").write_bytes(b"k" * (1 << 20))
+        with pytest.raises(OSError) as e:
+            with open(m.path / "s" / "big", "wb") as f:
+                for _ in range(10):
+                    f.write(b"b" * (1 << 20))
+        assert e.value.errno == errno.ENOSPC
+        assert os.listdir(m.path / "s") == ["keep"]
+        assert (m.path / "s" / "keep").read_bytes() == b"k" * (1 << 20)
+        wait_for(lambda: store_objects(m) == committed_objects(m), 5, what="no leftovers")
+        (m.path / "s" / "small").write_bytes(b"fits")  # space came back
+        assert (m.path / "s" / "small").read_bytes() == b"fits"
+        m.umount()
+    finally:
+        subprocess.run(["umount", "-l", str(store)])
+
+
+def _drop_caches():
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_object_is_refused(make_mount, damage):
+    m = make_mount()
+    (m.path / "s").mkdir()
+    data = os.urandom(3 << 20)
+    (m.path / "s" / "f").write_bytes(data)
+    (m.path / "s" / "ok").write_bytes(b"fine")
+    obj = m.store / "objects" / os.getxattr(m.path / "s" / "f", "user.kvfs.object").decode()
+    with open(obj, "r+b") as f:
+        if damage == "flip":
+            f.seek(4096 + 2_000_000)
+            b = f.read(1)
+            f.seek(4096 + 2_000_000)
+            f.write(bytes([b[0] ^ 0xFF]))
+        else:
+            f.truncate(4096 + 1_000_000)
+    _drop_caches()
+    with pytest.raises(OSError) as e:
+        (m.path / "s" / "f").read_bytes()
+    assert e.value.errno == errno.EIO
+    st = m.status()
+    assert st["counters"]["corrupt"] >= 1 and st["last_corrupt"] == "s/f"
+    assert "s/f" in m.log()
+    assert (m.path / "s" / "ok").read_bytes() == b"fine"
