@@ -26,21 +26,39 @@ def whole_chunks(name: str) -> int:
 
 
 def test_store_then_load_in_fresh_process(kvfs_mount, tiny_models, baseline, run_vllm):
+    """One process stores, another loads: full hits, a partial hit, a named
+    session, and a session removed with rm -r in between."""
     model = tiny_models["tiny-a"]
     # Store with a small token budget: the prompt is prefilled over several
     # steps, and each step saves only the chunks it has computed.
-    stored = run_vllm(model, [req("A")], kvfs_mount.path, engine={"max_num_batched_tokens": 96})
-    first = stored["results"][0]
-    assert first["token_ids"] == baseline["A"]
-    assert first["kv_transfer_params"]["kvfs_hit_tokens"] == 0
-    session = first["kv_transfer_params"]["kvfs_session"]
+    stored = run_vllm(
+        model,
+        [req("A"), req("C", session="chat-42")],
+        kvfs_mount.path,
+        engine={"max_num_batched_tokens": 96},
+    )
+    a0, c0 = stored["results"]
+    assert a0["token_ids"] == baseline["A"]
+    assert a0["kv_transfer_params"]["kvfs_hit_tokens"] == 0
+    session = a0["kv_transfer_params"]["kvfs_session"]
     assert session.startswith("tiny-a-")
+    assert c0["kv_transfer_params"]["kvfs_session"] == "chat-42"
+    assert sorted(os.listdir(kvfs_mount.path)) == sorted([session, "chat-42"])
     files = chunk_files(kvfs_mount.path / session)
     assert len(files) == whole_chunks("A")
     assert files[0].startswith("000000-000064.tp0.")
+    assert len(chunk_files(kvfs_mount.path / "chat-42")) == whole_chunks("C")
 
-    loaded = run_vllm(model, [req("A"), req("B")], kvfs_mount.path)
-    a, b = loaded["results"]
+    # rm -r of a named session erases that conversation's cache, and only it.
+    subprocess.run(["rm", "-r", str(kvfs_mount.path / "chat-42")], check=True)
+    assert os.listdir(kvfs_mount.path) == [session]
+
+    loaded = run_vllm(
+        model,
+        [req("A"), req("B"), req("C", session="chat-42"), req("C", session="chat-42")],
+        kvfs_mount.path,
+    )
+    a, b, c, c_again = loaded["results"]
     # The whole cached prefix is loaded: all chunks but the one holding the last token.
     hit = (len(PROMPTS["A"]) - 1) // CHUNK * CHUNK
     assert a["kv_transfer_params"]["kvfs_hit_tokens"] == hit
@@ -52,28 +70,13 @@ def test_store_then_load_in_fresh_process(kvfs_mount, tiny_models, baseline, run
     assert b["kv_transfer_params"]["kvfs_hit_tokens"] == 2 * CHUNK
     assert b["worker"]["loaded_tokens"] == 2 * CHUNK
     assert b["token_ids"] == baseline["B"]
+    # The removed session is recomputed, with the same output, and stored again.
+    assert c["kv_transfer_params"]["kvfs_hit_tokens"] == 0
+    assert c["worker"].get("loaded_tokens", 0) == 0
+    assert c["token_ids"] == baseline["C"]
+    assert c_again["worker"]["loaded_tokens"] == hit
+    assert c_again["token_ids"] == baseline["C"]
     assert "hit in the cache" in run_vllm.last_log
-
-
-def test_named_session_and_rm_r(kvfs_mount, tiny_models, baseline, run_vllm):
-    model = tiny_models["tiny-a"]
-    out = run_vllm(model, [req("C", session="chat-42")], kvfs_mount.path)
-    assert out["results"][0]["kv_transfer_params"]["kvfs_session"] == "chat-42"
-    assert os.listdir(kvfs_mount.path) == ["chat-42"]
-    assert len(chunk_files(kvfs_mount.path / "chat-42")) == whole_chunks("C")
-
-    subprocess.run(["rm", "-r", str(kvfs_mount.path / "chat-42")], check=True)
-    assert not (kvfs_mount.path / "chat-42").exists()
-
-    twice = [req("C", session="chat-42"), req("C", session="chat-42")]
-    again = run_vllm(model, twice, kvfs_mount.path)
-    recomputed, reloaded = again["results"]
-    assert recomputed["kv_transfer_params"]["kvfs_hit_tokens"] == 0
-    assert recomputed["worker"].get("loaded_tokens", 0) == 0
-    assert recomputed["token_ids"] == baseline["C"]
-    # ... and stored again, so the next request in the session hits.
-    assert reloaded["worker"]["loaded_tokens"] > 0
-    assert reloaded["token_ids"] == baseline["C"]
 
 
 def test_damaged_files_are_misses(kvfs_mount, tiny_models, baseline, run_vllm):
