@@ -51,6 +51,9 @@ def _mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
 
 
+COMMANDS = {"mount", "umount", "gc", "status", "recover", "-h", "--help"}
+
+
 def _config_from(args):
     over = {
         "store": args.store,
@@ -75,6 +78,13 @@ def _config_from(args):
 def cmd_mount(args) -> int:
     cfg = _config_from(args)
     mnt = os.path.abspath(args.mountpoint)
+    try:
+        os.stat(mnt)
+    except OSError as exc:
+        if exc.errno == errno.ENOTCONN:
+            raise KvfsError(
+                f"{mnt}: a dead kvfs mount is left there; run kvfs umount {mnt}"
+            ) from None
     if not os.path.isdir(mnt):
         raise KvfsError(f"mountpoint {mnt} is not a directory")
     if os.path.ismount(mnt):
@@ -104,7 +114,7 @@ def cmd_mount(args) -> int:
 
 def _spawn_background(args, cfg) -> int:
     r, w = os.pipe()
-    argv = [sys.executable, "-m", "kvfs.cli"] + [a for a in sys.argv[1:]]
+    argv = [sys.executable, "-m", "kvfs.cli"] + list(args.argv)
     argv += ["--foreground", "--ready-fd", str(w)]
     os.makedirs(cfg.state_dir, exist_ok=True)
     logpath = os.path.join(cfg.state_dir, "kvfs.log")
@@ -291,7 +301,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) >= 2 and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        # mount.fuse runs "kvfs SOURCE MOUNTPOINT -o ..." for `mount -t fuse.kvfs`
+        return mount_helper(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.fn(args)
     except KvfsError as exc:
@@ -328,6 +343,8 @@ def mount_helper(argv=None) -> int:
                 "noexec",
             ) or key.startswith("x-"):
                 continue
+            if key == "etcd":
+                val = val.replace("+", ",")  # "," already separates -o options
             out += [f"--{key.replace('_', '-')}"] + ([val] if val else [])
     return main(out)
 

@@ -11,10 +11,8 @@ A crash before 3 leaves only an unreferenced object (swept later); after 3
 the new version is whole. Readers only ever see objects named by etcd.
 """
 
-import zlib
-
 from .errors import NoSpace
-from .objects import HEADER_SIZE, RunningChecksum, checksum, new_object_key
+from .objects import HEADER_SIZE, BlockSums, block_checksum, new_object_key, sums_of
 from .store import Store
 
 COPY_CHUNK = 8 << 20
@@ -46,7 +44,7 @@ class PendingFile:
         self.mtime_ns: int | None = None  # set by utimens before the commit
         self.version, self.key = new_object_key()
         self.writer = store.writer(self.key)
-        self.crc = RunningChecksum()
+        self.crc = BlockSums()
         self.size = 0
         self.dirty = False
         self.closed = False
@@ -97,22 +95,12 @@ class PendingFile:
         self.size = size
         self.dirty = True
 
-    def checksum(self) -> str:
-        if self.crc.valid and self.crc.upto == self.size:
-            return checksum(self.crc.crc)
-        crc, off = 0, 0
-        while off < self.size:
-            chunk = self.writer.pread(min(COPY_CHUNK, self.size - off), HEADER_SIZE + off)
-            if not chunk:
-                break
-            crc = zlib.crc32(chunk, crc)
-            off += len(chunk)
-        # short staged bytes mean a sparse tail: zeros
-        while off < self.size:
-            n = min(COPY_CHUNK, self.size - off)
-            crc = zlib.crc32(bytes(n), crc)
-            off += n
-        return checksum(crc)
+    def checksum(self) -> tuple[str, list[int]]:
+        """(file checksum, per-block CRC32Cs) of the staged bytes."""
+        sums = self.crc.result(self.size)
+        if sums is None:
+            sums = sums_of(lambda n, off: self.writer.pread(n, HEADER_SIZE + off), self.size)
+        return block_checksum(sums), sums
 
     def finish(self, header: bytes) -> None:
         """Write the header and make the object durable and visible."""

@@ -138,7 +138,9 @@ def apply_mapping(cfg: Config, data: dict, where: str) -> None:
                 cfg.store = f"{stype}:{storage_dir or ''}"
         for k, v in tc.items():
             if k in _ORIGINAL:
-                setattr(cfg, _ORIGINAL[k], _coerce(_ORIGINAL[k], v, where))
+                setattr(
+                    cfg, _ORIGINAL[k], _coerce(_ORIGINAL[k], v, f"{where}: kv_transfer_config.{k}")
+                )
             else:
                 setattr(cfg, k, _coerce(k, v, f"{where}: kv_transfer_config"))
     for k, v in rest.items():

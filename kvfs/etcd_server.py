@@ -52,6 +52,11 @@ class PrivateEtcd:
             "10",
             "--election-timeout",
             "100",
+            # old revisions would otherwise pile up forever
+            "--auto-compaction-mode",
+            "periodic",
+            "--auto-compaction-retention",
+            "1h",
             # after a restart the member keeps its data but gets new ports
             "--force-new-cluster",
         ]

@@ -11,18 +11,18 @@ import logging
 import os
 import stat
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 
+import crc32c
 import pyfuse3
 import trio
 
-from .errors import Conflict, KvfsError, NotFound, NotPermitted
+from .errors import Conflict, Corrupt, KvfsError, NotFound, NotPermitted
 from .meta import Entry, SessionInfo
 from .names import check_name
 from .namespace import Namespace, check_xattr_room
-from .objects import HEADER_SIZE, checksum
+from .objects import BLOCK, HEADER_SIZE, decode_blocks
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,8 @@ class Handle:
     owner: int = 0  # process (tgid) that opened it
     flushed: bool = False  # close(2) was called on some descriptor of it
     released: trio.Event = field(default_factory=trio.Event)
-    next_off: int = 0  # for the checksum of a sequential read
-    crc: int = 0
-    crc_ok: bool = True
+    sums: list | None = None  # the version's block CRC32Cs, decoded on first read
+    block: tuple | None = None  # (index, bytes) of the last verified block
 
 
 def tgid(pid: int) -> int:
@@ -762,41 +761,57 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
                 return b""
             if h.reader is None:
                 h.reader = await self.ns.call_io(self.ns.store.reader, entry.object)
-            data = await self.ns.call_io(h.reader.pread, size, HEADER_SIZE + off)
-            if len(data) < size:
-                self.ns.counters["corrupt"] += 1
-                log.error(
-                    "%s/%s: stored object truncated (%d bytes short at offset %d)",
-                    entry.session,
-                    entry.name,
-                    size - len(data),
-                    off,
-                )
-                raise KvfsError("truncated object", errno.EIO)
-            self._verify(h, data, off)
+            data = await self.ns.call_io(self._read_verified, h, off, size)
             self.ns.counters["bytes_read"] += len(data)
             return data
+        except Corrupt as exc:
+            self.ns.counters["corrupt"] += 1
+            self.ns.last_corrupt = f"{h.entry.session}/{h.entry.name}"
+            log.error(
+                "%s/%s (object %s): %s; read refused",
+                h.entry.session,
+                h.entry.name,
+                h.entry.object,
+                exc,
+            )
+            raise pyfuse3.FUSEError(errno.EIO) from None
         except KvfsError as exc:
             raise _fuse_error(exc) from None
 
-    def _verify(self, h: Handle, data: bytes, off: int) -> None:
-        """Check the checksum of a handle read from start to end in order."""
-        if not h.crc_ok or off != h.next_off:
-            h.crc_ok = False
-            return
-        h.crc = zlib.crc32(data, h.crc)
-        h.next_off += len(data)
-        if h.next_off == h.entry.size and checksum(h.crc) != h.entry.checksum:
-            self.ns.counters["corrupt"] += 1
-            log.error(
-                "%s/%s: checksum mismatch (stored %s, read %s)",
-                h.entry.session,
-                h.entry.name,
-                h.entry.checksum,
-                checksum(h.crc),
-            )
-            self.ns.last_corrupt = f"{h.entry.session}/{h.entry.name}"
-            raise KvfsError("checksum mismatch", errno.EIO)
+    @staticmethod
+    def _read_verified(h: Handle, off: int, size: int):
+        """Bytes [off, off+size) of the handle's version, every block checked.
+
+        Runs in a worker thread. Whole blocks are read and their CRC32C
+        compared with the entry's; the last block stays with the handle, so
+        small sequential requests do not read it again.
+        """
+        entry = h.entry
+        if h.sums is None:
+            h.sums = decode_blocks(entry.blocks) if entry.blocks else []
+        sums = h.sums
+        first, last = off // BLOCK, (off + size - 1) // BLOCK
+        cached = h.block
+        if cached is not None and cached[0] == first and last == first:
+            start = first * BLOCK
+            return memoryview(cached[1])[off - start : off - start + size]
+        start = first * BLOCK
+        end = min(entry.size, (last + 1) * BLOCK)
+        if not sums:  # metadata without block sums (written by an older kvfs)
+            start, end = off, off + size
+        buf = h.reader.pread(end - start, HEADER_SIZE + start)
+        if len(buf) < end - start:
+            raise Corrupt(f"object truncated: {end - start - len(buf)} bytes missing at {start}")
+        if sums:
+            mv = memoryview(buf)
+            for i in range(first, last + 1):
+                lo = (i - first) * BLOCK
+                if i >= len(sums) or crc32c.crc32c(mv[lo : lo + BLOCK]) != sums[i]:
+                    raise Corrupt(f"checksum mismatch in block {i} (bytes {i * BLOCK}...)")
+            h.block = (last, buf[(last - first) * BLOCK :] if last > first else buf)
+        if start == off and len(buf) == size:
+            return buf
+        return memoryview(buf)[off - start : off - start + size]
 
     async def write(self, fh, off, buf):
         h = self.handles.get(fh)
@@ -814,8 +829,11 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         h.pending = None
         node = h.node
         if not node.detached:
+            # writers are direct_io, so the inode's pages can only hold an
+            # older version some reader cached; without one, attributes suffice
+            attr_only = node.cache_version is None
             node.cache_version = None
-            self.invalidate("inode", node.ino)
+            self.invalidate("inode", node.ino, attr_only)
         else:
             # a writer of an unlinked-then-recreated name: its new name
             self._node(entry.session, entry.name)

@@ -45,6 +45,7 @@ class Entry:
     object: str = ""
     version: str = ""
     checksum: str = ""
+    blocks: str = ""  # base64 of the per-block CRC32Cs (objects.BLOCK bytes each)
     store: str = ""
     mode: int = 0o100644
     uid: int = 0

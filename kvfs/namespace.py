@@ -15,7 +15,7 @@ from .commit import PendingFile
 from .errors import Conflict, Exists, KvfsError, MetaUnavailable, NoSpace, NotEmpty, NotFound
 from .meta import Entry, EtcdMeta, SessionInfo, WatchEvent
 from .metacache import MetaCache
-from .objects import HEADER_SIZE, encode_header, encode_xattrs
+from .objects import HEADER_SIZE, encode_blocks, encode_header, encode_xattrs
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class Namespace:
         """Publish a pending file as the current version of its name."""
         now = time.time_ns()
         check_xattr_room(p.xattrs)
-        digest = await self.call_io(p.checksum)
+        digest, sums = await self.call_io(p.checksum)
         entry = Entry(
             session=p.session,
             name=p.name,
@@ -269,6 +269,7 @@ class Namespace:
             object=p.key,
             version=p.version,
             checksum=digest,
+            blocks=encode_blocks(sums),
             store=self.store.url,
             mode=p.mode,
             uid=p.uid,

@@ -11,7 +11,8 @@ import base64
 import json
 import struct
 import uuid
-import zlib
+
+import crc32c
 
 from .errors import Corrupt
 
@@ -77,30 +78,72 @@ def decode_header(head: bytes) -> tuple[dict, int, int]:
     return meta, 8 + n + start, end - start
 
 
-def checksum(crc: int) -> str:
-    return f"crc32:{crc:08x}"
+BLOCK = 1 << 20  # bytes covered by one stored CRC32C
 
 
-class RunningChecksum:
-    """CRC32 of bytes written in order; gives up (needs a full pass) otherwise."""
+def block_checksum(sums: list[int]) -> str:
+    """The file's checksum: CRC32C over its per-block CRC32Cs."""
+    return f"crc32c:{crc32c.crc32c(struct.pack(f'<{len(sums)}I', *sums)):08x}"
+
+
+def encode_blocks(sums: list[int]) -> str:
+    return base64.b64encode(struct.pack(f"<{len(sums)}I", *sums)).decode()
+
+
+def decode_blocks(text: str) -> list[int]:
+    raw = base64.b64decode(text)
+    return list(struct.unpack(f"<{len(raw) // 4}I", raw))
+
+
+class BlockSums:
+    """CRC32C of every BLOCK-sized block, kept while bytes arrive in order.
+
+    Out-of-order writes make it give up; the commit then sums the staged
+    bytes in one pass instead.
+    """
 
     def __init__(self):
-        self.crc = 0
+        self.sums: list[int] = []
+        self.crc = 0  # of the block in progress
         self.upto = 0
         self.valid = True
 
     def update(self, data, offset: int) -> None:
         if not self.valid:
             return
-        if offset == self.upto:
-            self.crc = zlib.crc32(data, self.crc)
-            self.upto += len(data)
-        elif offset + len(data) <= self.upto and offset >= 0:
-            # a rewrite of bytes already summed: only a full pass can tell
+        if offset != self.upto:
             self.valid = False
-        else:
-            self.valid = False
+            return
+        mv = memoryview(data)
+        while len(mv):
+            room = BLOCK - self.upto % BLOCK
+            piece = mv[:room]
+            self.crc = crc32c.crc32c(piece, self.crc)
+            self.upto += len(piece)
+            mv = mv[len(piece) :]
+            if self.upto % BLOCK == 0:
+                self.sums.append(self.crc)
+                self.crc = 0
 
     def truncated(self, size: int) -> None:
         if size != self.upto:
             self.valid = False
+
+    def result(self, size: int) -> list[int] | None:
+        if not self.valid or self.upto != size:
+            return None
+        return self.sums + ([self.crc] if size % BLOCK else [])
+
+
+def sums_of(read, size: int) -> list[int]:
+    """Block CRCs of SIZE bytes read through READ(size, offset)."""
+    out = []
+    off = 0
+    while off < size:
+        n = min(BLOCK, size - off)
+        chunk = read(n, off)
+        if len(chunk) < n:  # a sparse tail reads short: zeros
+            chunk = bytes(chunk) + bytes(n - len(chunk))
+        out.append(crc32c.crc32c(chunk))
+        off += n
+    return out

@@ -6,7 +6,14 @@ import time
 
 from .errors import Corrupt, Exists, KvfsError
 from .meta import Entry, EtcdMeta, SessionInfo
-from .objects import HEADER_SIZE, decode_header, decode_xattrs
+from .objects import (
+    HEADER_SIZE,
+    block_checksum,
+    decode_header,
+    decode_xattrs,
+    encode_blocks,
+    sums_of,
+)
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -53,6 +60,14 @@ def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
             st = store.stat(key)
             if st.size < HEADER_SIZE + size:
                 raise Corrupt(f"truncated: {st.size - HEADER_SIZE} of {size} bytes")
+            # the block sums live in etcd only: recompute them, and check the bytes
+            reader = store.reader(key)
+            try:
+                sums = sums_of(lambda n, off, r=reader: r.pread(n, HEADER_SIZE + off), size)
+            finally:
+                reader.close()
+            if block_checksum(sums) != meta["checksum"]:
+                raise Corrupt("bytes do not match the checksum in the header")
             e = Entry(
                 session=meta["session"],
                 name=meta["name"],
@@ -63,6 +78,7 @@ def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
                 version=str(meta["version"]),
                 checksum=str(meta["checksum"]),
                 store=store.url,
+                blocks=encode_blocks(sums),
                 mode=int(meta["mode"]),
                 uid=int(meta["uid"]),
                 gid=int(meta["gid"]),

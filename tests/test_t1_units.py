@@ -12,7 +12,15 @@ from kvfs.errors import InvalidName, KvfsError
 from kvfs.meta import Entry, SessionInfo, WatchEvent
 from kvfs.metacache import MetaCache
 from kvfs.names import check_name
-from kvfs.objects import HEADER_SIZE, RunningChecksum, decode_header, encode_header
+from kvfs.objects import (
+    HEADER_SIZE,
+    BlockSums,
+    decode_blocks,
+    decode_header,
+    encode_blocks,
+    encode_header,
+    sums_of,
+)
 
 
 @pytest.mark.parametrize("bad", [b"", b".", b"..", b"a/b", b"a\0b", b"\xff"])
@@ -55,13 +63,16 @@ def test_header_rejects_garbage():
         decode_header(b"\xff" * 8 + b"{}")
 
 
-def test_running_checksum_detects_out_of_order():
-    c = RunningChecksum()
-    c.update(b"abc", 0)
-    c.update(b"def", 3)
-    assert c.valid and c.upto == 6
+def test_block_sums_match_a_full_pass_and_detect_out_of_order():
+    data = bytes(range(256)) * 9000  # a little over two blocks
+    c = BlockSums()
+    for off in range(0, len(data), 300_000):  # writes that straddle block edges
+        c.update(data[off : off + 300_000], off)
+    assert c.result(len(data)) == sums_of(lambda n, off: data[off : off + n], len(data))
+    assert len(c.result(len(data))) == 3
     c.update(b"x", 1)
-    assert not c.valid
+    assert c.result(len(data)) is None
+    assert decode_blocks(encode_blocks([1, 2, 3])) == [1, 2, 3]
 
 
 def test_config_original_keys(tmp_path):

@@ -269,10 +269,6 @@ def _daemon_gone(pid):
         return f.read().split()[2] == "Z"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kvfs/cli.py _spawn_background re-runs sys.argv (the helper's own arguments)",
-)
 def test_mount_helper_and_fstab(tmp_path, etcd, helpers_installed):
     prefix = f"/t5-{uuid.uuid4().hex[:8]}/"
     mnt = tmp_path / "kvcache"
