@@ -20,17 +20,24 @@ def test_two_nodes_see_commits_replaces_and_deletes(make_mount, tmp_path):
     (a.path / "s").mkdir()
     wait_for(lambda: (b.path / "s").is_dir(), 1.5, what="session on node b")
     (a.path / "s" / "f").write_bytes(b"v1" * 100000)
-    wait_for(lambda: read_or_none(b.path / "s" / "f") == b"v1" * 100000, 1.5,
-             what="commit visible on b")
+    wait_for(
+        lambda: read_or_none(b.path / "s" / "f") == b"v1" * 100000, 1.5, what="commit visible on b"
+    )
     # b now holds v1 in its page cache; a replaces it
     for _ in range(3):
         assert (b.path / "s" / "f").read_bytes() == b"v1" * 100000
     (a.path / "s" / "f").write_bytes(b"v2" * 50000)
-    wait_for(lambda: read_or_none(b.path / "s" / "f") == b"v2" * 50000, 1.5,
-             what="replace visible on b, no stale pages")
+    wait_for(
+        lambda: read_or_none(b.path / "s" / "f") == b"v2" * 50000,
+        1.5,
+        what="replace visible on b, no stale pages",
+    )
     os.setxattr(a.path / "s" / "f", "user.note", b"hi")
-    wait_for(lambda: b"user.note" in [n.encode() for n in os.listxattr(b.path / "s" / "f")], 1.5,
-             what="xattr visible on b")
+    wait_for(
+        lambda: b"user.note" in [n.encode() for n in os.listxattr(b.path / "s" / "f")],
+        1.5,
+        what="xattr visible on b",
+    )
     os.unlink(b.path / "s" / "f")
     wait_for(lambda: not (a.path / "s" / "f").exists(), 1.5, what="delete visible on a")
     os.rmdir(a.path / "s")
