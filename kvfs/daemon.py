@@ -86,6 +86,12 @@ class Daemon:
                 password=cfg.etcd_password,
             )
             self.start_revision = self.meta.revision() + 1
+        except MetaUnavailable as exc:
+            self.close_backends()
+            raise MetaUnavailable(
+                f"cannot reach etcd at {','.join(endpoints)} ({exc}); check that it runs, the "
+                "endpoints, and for TLS --etcd-ca-cert/--etcd-cert/--etcd-key"
+            ) from None
         except Exception:
             self.close_backends()
             raise

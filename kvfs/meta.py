@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import grpc
 import pyetcd
+from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
 from .errors import Conflict, Exists, KvfsError, MetaUnavailable, NotEmpty, NotFound
@@ -155,6 +156,10 @@ class EtcdMeta:
             )
         except grpc.RpcError as exc:
             raise MetaUnavailable(f"etcd refused the connection: {_rpc_text(exc)}") from None
+        if creds is None:
+            # gRPC sends call credentials only over TLS; on a plain channel the
+            # auth token travels as metadata alone (pyetcd sets both)
+            self.client.call_credentials = None
         self._last_endpoint = self.client._current_endpoint_label
 
     # -- plumbing --------------------------------------------------------------
@@ -393,29 +398,29 @@ class EtcdMeta:
         return resp.header.revision
 
     def health(self) -> list[dict]:
+        """Ask every member for its status over the client's own channels (TLS, auth)."""
         out = []
-        for host, port in self.endpoints:
-            ep = f"{host}:{port}"
-            c = None
+        in_use = self.client._current_endpoint_label
+        for label, ep in self.client.endpoints.items():
             try:
-                c = pyetcd.MultiEndpointEtcd3Client(
-                    endpoints=[pyetcd.Endpoint(host, port, secure=False, time_retry=0)],
-                    timeout=1.0,
+                st = etcdrpc.MaintenanceStub(ep.channel).Status(
+                    etcdrpc.StatusRequest(),
+                    1.0,
+                    credentials=self.client.call_credentials,
+                    metadata=self.client.metadata,
                 )
-                st = c.status()
                 out.append(
                     {
-                        "endpoint": ep,
+                        "endpoint": label,
                         "healthy": True,
                         "version": st.version,
-                        "in_use": ep == self.client._current_endpoint_label,
+                        "leader": st.leader == st.header.member_id,
+                        "in_use": label == in_use,
                     }
                 )
             except Exception as exc:  # health is a report, never an error
-                out.append({"endpoint": ep, "healthy": False, "error": type(exc).__name__})
-            finally:
-                if c is not None:
-                    c.close()
+                code = exc.code().name if isinstance(exc, grpc.RpcError) else type(exc).__name__
+                out.append({"endpoint": label, "healthy": False, "error": code})
         return out
 
     def try_lock(self, name: str, ttl: int, holder: str):
