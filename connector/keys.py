@@ -97,11 +97,12 @@ class KeySpace:
     def file_key(self, link: bytes) -> str:
         return _h(self.digest(), link).hex()[:KEY_HEX]
 
-    def file_name(self, index: int, link: bytes) -> str:
+    def file_name(self, index: int, link: bytes, num_tokens: int = 0) -> str:
         """`<first token>-<end token>.<rank>.<key>.safetensors`: `ls` sorts a
-        session's chunks by position, and the key keeps models and ranks apart."""
+        session's chunks by position, and the key keeps models and ranks apart.
+        `num_tokens` is less than the chunk size only for a prompt's tail."""
         start = index * self.chunk_size
-        end = start + self.chunk_size
+        end = start + (num_tokens or self.chunk_size)
         return f"{start:06d}-{end:06d}.{self.rank_tag()}.{self.file_key(link)}.safetensors"
 
 

@@ -22,6 +22,7 @@ class ChunkOp:
     tokens: list[int] = field(default_factory=list)  # token ids (saves only)
     skip_blocks: int = 0  # loads: leading blocks already computed locally
     overwrite: bool = False  # saves: replace a file that failed to load
+    num_tokens: int = 0  # tokens in the file if fewer than a chunk (a prompt's tail)
 
 
 @dataclass

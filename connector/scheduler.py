@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from .keys import KeySpace, chain_root, derived_session, token_chain, valid_session
+from .keys import KeySpace, chain, chain_root, derived_session, token_chain, valid_session
 from .plan import ChunkOp, StepPlan
 from .settings import Settings
 from .stats import Counters
@@ -25,16 +25,25 @@ class _Req:
     root: bytes
     store: bool
     load: bool
-    block_size: int
+    # A hit may cover `loadable` whole chunks, then `tail_tokens` more (whole
+    # blocks, stored as one short file): never the prompt's last token, which
+    # vLLM must compute to sample from.
+    loadable: int
+    tail_tokens: int
+    tail_link: bytes
     hit_end: int = 0  # tokens [0, hit_end) are in the cache, as last looked up
     local: int = 0  # tokens vLLM had in its own prefix cache, as last looked up
     saved_chunks: int = 0  # chunks [0, saved_chunks) are stored or being stored
+    tail_saved: bool = False
     pending_load: tuple[int, int] | None = None  # (local tokens, external tokens)
     hit_tokens: int = 0
     miss_tokens: int = 0
     counted: bool = False
     block_ids: list[int] = field(default_factory=list)
     repair: set[int] = field(default_factory=set)  # chunks whose files failed to load
+
+    def parent(self, index: int) -> bytes:
+        return self.links[index - 1] if index else self.root
 
 
 def request_options(params: dict | None) -> tuple[str | None, bool, bool]:
@@ -87,25 +96,34 @@ class SchedulerSide:
             if not links:
                 return None  # shorter than a chunk: nothing to cache
             session = derived_session(self.spaces[0].model, links[0])
-        st = _Req(session, prompt, links, chain_root(extra), store, load, self.block_size)
+        root = chain_root(extra)
+        loadable = max(0, len(prompt) - 1) // self.chunk
+        tail = max(0, len(prompt) - 1) // self.block_size * self.block_size - loadable * self.chunk
+        start = loadable * self.chunk
+        parent = links[loadable - 1] if loadable else root
+        tail_link = chain(parent, prompt[start : start + tail]) if tail else b""
+        st = _Req(session, prompt, links, root, store, load, loadable, tail, tail_link)
         self._reqs[request.request_id] = st
         return st
 
-    def _cached(self, st: _Req, index: int) -> bool:
+    def _exists(self, st: _Req, index: int, link: bytes, num_tokens: int = 0) -> bool:
         d = os.path.join(self.settings.mount, st.session)
-        link = st.links[index]
-        return all(os.path.exists(os.path.join(d, s.file_name(index, link))) for s in self.spaces)
+        return all(
+            os.path.exists(os.path.join(d, s.file_name(index, link, num_tokens)))
+            for s in self.spaces
+        )
 
     def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
         st = self._state(request)
         if st is None or not st.load:
             return 0, False
-        # At least the prompt's last token must be computed to sample from it.
-        max_chunks = (len(st.prompt) - 1) // self.chunk
         i = num_computed_tokens // self.chunk
-        while i < max_chunks and self._cached(st, i):
+        while i < st.loadable and self._exists(st, i, st.links[i]):
             i += 1
         st.hit_end = i * self.chunk
+        if i == st.loadable and num_computed_tokens < i * self.chunk + st.tail_tokens:
+            if self._exists(st, i, st.tail_link, st.tail_tokens):
+                st.hit_end += st.tail_tokens
         st.local = num_computed_tokens
         return max(0, st.hit_end - num_computed_tokens), False
 
@@ -115,9 +133,12 @@ class SchedulerSide:
             return
         local = st.local
         if num_external_tokens > 0:
+            end = local + num_external_tokens
             st.block_ids = list(blocks.get_block_ids()[0])
             st.pending_load = (local, num_external_tokens)
-            st.saved_chunks = max(st.saved_chunks, (local + num_external_tokens) // self.chunk)
+            st.saved_chunks = max(st.saved_chunks, end // self.chunk)
+            if end % self.chunk:
+                st.tail_saved = True
         if not st.counted:
             st.counted = True
             st.hit_tokens = num_external_tokens
@@ -127,17 +148,34 @@ class SchedulerSide:
             self.stats.add("miss_tokens", st.miss_tokens)
             self.log.info(
                 "kvfs: request %s session %s: %d prompt tokens, %d hit in the cache "
-                "(%d chunks), %d cached locally, %d to compute",
+                "(%d files), %d cached locally, %d to compute",
                 request.request_id,
                 st.session,
                 len(st.prompt),
                 st.hit_tokens,
-                st.hit_tokens // self.chunk,
+                -(-st.hit_tokens // self.chunk),
                 local,
                 st.miss_tokens,
             )
 
     # -- the step's plan -------------------------------------------------------
+
+    def _op(self, req_id: str, st: _Req, index: int, block_ids: list[int], tail: bool, **kw):
+        per_chunk = self.chunk // self.block_size
+        n = st.tail_tokens if tail else self.chunk
+        first = index * per_chunk
+        start = index * self.chunk
+        return ChunkOp(
+            req_id=req_id,
+            session=st.session,
+            index=index,
+            link=(st.tail_link if tail else st.links[index]).hex(),
+            parent=st.parent(index).hex(),
+            block_ids=block_ids[first : first + n // self.block_size],
+            num_tokens=st.tail_tokens if tail else 0,
+            tokens=st.prompt[start : start + n] if kw.pop("with_tokens", False) else [],
+            **kw,
+        )
 
     def build_plan(self, scheduler_output) -> StepPlan:
         plan = StepPlan()
@@ -148,19 +186,14 @@ class SchedulerSide:
                 continue
             local, external = st.pending_load
             st.pending_load = None
-            for i in range(local // self.chunk, (local + external) // self.chunk):
-                blocks = st.block_ids[i * per_chunk : (i + 1) * per_chunk]
-                plan.loads.append(
-                    ChunkOp(
-                        req_id=req_id,
-                        session=st.session,
-                        index=i,
-                        link=st.links[i].hex(),
-                        parent=(st.links[i - 1] if i else st.root).hex(),
-                        block_ids=blocks,
-                        skip_blocks=max(0, local // bs - i * per_chunk),
-                    )
-                )
+            end = local + external
+            for i in range(local // self.chunk, end // self.chunk):
+                skip = max(0, local // bs - i * per_chunk)
+                plan.loads.append(self._op(req_id, st, i, st.block_ids, False, skip_blocks=skip))
+            if end % self.chunk:
+                i = end // self.chunk
+                skip = max(0, local // bs - i * per_chunk)
+                plan.loads.append(self._op(req_id, st, i, st.block_ids, True, skip_blocks=skip))
 
         computed: dict[str, int] = {}
         for new in scheduler_output.scheduled_new_reqs:
@@ -172,28 +205,30 @@ class SchedulerSide:
             st = self._reqs.get(req_id)
             if st is None or not st.store:
                 continue
-            after = before + scheduler_output.num_scheduled_tokens.get(req_id, 0)
-            done = min(after, len(st.prompt)) // self.chunk
-            if done <= st.saved_chunks:
+            after = min(
+                before + scheduler_output.num_scheduled_tokens.get(req_id, 0), len(st.prompt)
+            )
+            done = after // self.chunk
+            tail_done = (
+                st.tail_tokens
+                and not st.tail_saved
+                and after >= st.loadable * self.chunk + st.tail_tokens
+            )
+            if done <= st.saved_chunks and not tail_done:
                 continue
             block_ids = self._block_ids(req_id)
             for i in range(st.saved_chunks, done):
-                blocks = block_ids[i * per_chunk : (i + 1) * per_chunk]
-                if len(blocks) < per_chunk:
-                    break
-                plan.saves.append(
-                    ChunkOp(
-                        req_id=req_id,
-                        session=st.session,
-                        index=i,
-                        link=st.links[i].hex(),
-                        parent=(st.links[i - 1] if i else st.root).hex(),
-                        block_ids=blocks,
-                        tokens=st.prompt[i * self.chunk : (i + 1) * self.chunk],
-                        overwrite=i in st.repair,
-                    )
-                )
-            st.saved_chunks = done
+                op = self._op(req_id, st, i, block_ids, False, with_tokens=True)
+                op.overwrite = i in st.repair
+                if len(op.block_ids) == per_chunk:
+                    plan.saves.append(op)
+            st.saved_chunks = max(st.saved_chunks, done)
+            if tail_done:
+                op = self._op(req_id, st, st.loadable, block_ids, True, with_tokens=True)
+                op.overwrite = st.loadable in st.repair
+                if len(op.block_ids) * bs == st.tail_tokens:
+                    plan.saves.append(op)
+                st.tail_saved = True
         return plan
 
     def update_connector_output(self, invalid_block_ids: set[int] | None) -> None:
@@ -215,6 +250,7 @@ class SchedulerSide:
             self.stats.add("miss_tokens", lost)
             st.repair.add(chunk)
             st.saved_chunks = min(st.saved_chunks, chunk)
+            st.tail_saved = False
 
     def _block_ids(self, req_id: str) -> list[int]:
         if self._kv_cache_manager is None:

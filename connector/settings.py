@@ -7,18 +7,19 @@ from typing import Any
 
 from .keys import KeySpace
 
-DEFAULT_CHUNK_TOKENS = 256
+DEFAULT_CHUNK_TOKENS = 64
 
 
 @dataclass(frozen=True)
 class Settings:
     mount: str = "/kvcache"
-    chunk_size: int = 0  # tokens per chunk file; 0: about 256, a multiple of the block size
+    chunk_size: int = 0  # tokens per chunk file; 0: 64, or one block if blocks are larger
     model_id: str | None = None  # overrides the model name in keys (same model, other path)
     verify_checksum: bool = True  # CRC-32 every layer on load
     layerwise_load: bool = True  # load in a background thread, layer by layer
     set_xattrs: bool = True  # label chunk files with user.* attributes for getfattr
     max_pending_save_bytes: int = 1 << 30  # beyond this, new saves are dropped, not waited for
+    staging_bytes: int = 128 << 20  # warm host buffers kept for copying chunks out
     load_failure_policy: str = "recompute"  # what vLLM does after a failed load
 
     @classmethod

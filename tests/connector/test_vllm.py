@@ -25,6 +25,16 @@ def whole_chunks(name: str) -> int:
     return len(PROMPTS[name]) // CHUNK
 
 
+def loadable(name: str) -> int:
+    """Prompt tokens a hit can cover: whole blocks of 32, short of the last token."""
+    return (len(PROMPTS[name]) - 1) // 32 * 32
+
+
+def stored_files(name: str) -> int:
+    """Whole chunks, plus a short file for the loadable tail after them."""
+    return whole_chunks(name) + (1 if loadable(name) % CHUNK else 0)
+
+
 def test_store_then_load_in_fresh_process(kvfs_mount, tiny_models, baseline, run_vllm):
     """One process stores, another loads: full hits, a partial hit, a named
     session, and a session removed with rm -r in between."""
@@ -45,22 +55,26 @@ def test_store_then_load_in_fresh_process(kvfs_mount, tiny_models, baseline, run
     assert c0["kv_transfer_params"]["kvfs_session"] == "chat-42"
     assert sorted(os.listdir(kvfs_mount.path)) == sorted([session, "chat-42"])
     files = chunk_files(kvfs_mount.path / session)
-    assert len(files) == whole_chunks("A")
+    assert len(files) == stored_files("A")
     assert files[0].startswith("000000-000064.tp0.")
-    assert len(chunk_files(kvfs_mount.path / "chat-42")) == whole_chunks("C")
+    assert files[-1].startswith("000256-000288.tp0.")  # the tail, up to the last block
+    assert len(chunk_files(kvfs_mount.path / "chat-42")) == stored_files("C")
 
     # rm -r of a named session erases that conversation's cache, and only it.
     subprocess.run(["rm", "-r", str(kvfs_mount.path / "chat-42")], check=True)
     assert os.listdir(kvfs_mount.path) == [session]
 
+    reads_before = kvfs_mount.status()["counters"]["files_read"]
     loaded = run_vllm(
         model,
         [req("A"), req("B"), req("C", session="chat-42"), req("C", session="chat-42")],
         kvfs_mount.path,
     )
     a, b, c, c_again = loaded["results"]
-    # The whole cached prefix is loaded: all chunks but the one holding the last token.
-    hit = (len(PROMPTS["A"]) - 1) // CHUNK * CHUNK
+    # The daemon saw the chunk files opened for reading: A's and C's five, B's two.
+    assert kvfs_mount.status()["counters"]["files_read"] - reads_before >= 12
+    # The whole cached prefix is loaded: every block short of the last token.
+    hit = loadable("A")
     assert a["kv_transfer_params"]["kvfs_hit_tokens"] == hit
     assert a["worker"]["loaded_tokens"] == hit
     assert a["worker"].get("load_errors", 0) == 0
@@ -115,7 +129,7 @@ def test_damaged_files_are_misses(kvfs_mount, tiny_models, baseline, run_vllm):
     # Chunks before the damaged one still load; from it on, vLLM recomputes.
     assert [r["worker"].get("loaded_tokens", 0) for r in first] == [CHUNK, 0, 2 * CHUNK]
     assert [r["kv_transfer_params"]["kvfs_hit_tokens"] for r in first] == [CHUNK, 0, 2 * CHUNK]
-    full = (len(PROMPTS["C"]) - 1) // CHUNK * CHUNK
+    full = loadable("C")
     for name, r in zip(names, second, strict=True):
         assert r["token_ids"] == baseline[name], name
         assert r["worker"].get("load_errors", 0) == 0, name
