@@ -1,8 +1,12 @@
 """The FUSE operations: translates kernel requests into Namespace calls.
 
-Inodes are per name (ROOT, a session, a layer) and live while the kernel
-holds them. Committed versions are immutable, so the kernel keeps their pages
-(keep_cache) until a replace or delete, here or on another node, drops them.
+Every committed version of a file is its own inode, immutable, so its size
+and pages in the kernel never change under a reader and the page cache keeps
+them (keep_cache). A process that opens a name for writing gets an inode of
+its own (a "writer" inode) through one ESTALE retry of its open, so the
+kernel's truncation and size updates for the writer never touch what readers
+see. A name moves to its new version's inode when the commit lands, here or,
+through the etcd watch, on another node.
 """
 
 import errno
@@ -11,14 +15,13 @@ import logging
 import os
 import stat
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 
 import crc32c
 import pyfuse3
 import trio
 
-from .errors import Conflict, Corrupt, KvfsError, NotFound, NotPermitted
+from .errors import Corrupt, KvfsError, NotFound, NotPermitted
 from .meta import Entry, SessionInfo
 from .names import check_name
 from .namespace import Namespace, check_xattr_room
@@ -31,19 +34,21 @@ TIMEOUT = 1.0  # seconds the kernel may trust a name or attributes without askin
 BLKSIZE = 1 << 20  # tells cp and friends to move bytes in 1 MiB requests
 XATTR_PREFIX = "user.kvfs."
 XATTR_NAME_MAX = 255
+CLAIM_TTL = 10.0  # seconds a writer inode waits for the open it was made for
 
 
 @dataclass(eq=False)
 class Node:
     ino: int
-    session: str | None  # None for the root
-    name: str | None  # None for a session directory
+    kind: str  # "root" | "session" | "version" | "writer"
+    session: str | None = None
+    name: str | None = None
+    entry: Entry | None = None  # version: its metadata; writer: the version it replaces
     lookups: int = 0
     handles: int = 0
-    detached: bool = False
-    cache_version: str | None = None  # version whose pages the kernel may hold
-    open_versions: Counter = field(default_factory=Counter)
-    writers: list = field(default_factory=list)  # handles with pending data
+    owner: int = 0  # writer: the process (tgid) it belongs to
+    pinned: float = 0.0  # writer: claimed at (monotonic) and not yet used by an open
+    writers: list = field(default_factory=list)  # writer: handles that write
 
 
 @dataclass(eq=False)
@@ -54,7 +59,6 @@ class Handle:
     entry: Entry | None = None  # the version this handle reads
     reader: object = None
     pending: object = None
-    truncate_on_write: bool = False
     owner: int = 0  # process (tgid) that opened it
     flushed: bool = False  # close(2) was called on some descriptor of it
     released: trio.Event = field(default_factory=trio.Event)
@@ -62,8 +66,21 @@ class Handle:
     block: tuple | None = None  # (index, bytes) of the last verified block
 
 
+_TGID: dict[int, int] = {}
+
+
 def tgid(pid: int) -> int:
     """The process a (possibly multi-threaded) requester belongs to."""
+    found = _TGID.get(pid)
+    if found is not None:
+        return found
+    if len(_TGID) > 4096:
+        _TGID.clear()  # pids are reused: keep the memory short
+    _TGID[pid] = found = _read_tgid(pid)
+    return found
+
+
+def _read_tgid(pid: int) -> int:
     try:
         with open(f"/proc/{pid}/status", "rb") as f:
             for line in f:
@@ -83,7 +100,8 @@ def holds_file(pid: int, path: str) -> bool:
         return False
     for fd in fds:
         try:
-            if os.readlink(f"{fd_dir}/{fd}") == path:
+            # an invalidated name reads back as "PATH (deleted)"
+            if os.readlink(f"{fd_dir}/{fd}").removesuffix(" (deleted)") == path:
                 return True
         except OSError:
             pass
@@ -171,8 +189,10 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         self.touch_interval = touch_interval
         self.status_fn = status_fn
         self.control_fn = control_fn
-        self.nodes: dict[int, Node] = {ROOT: Node(ROOT, None, None, lookups=1)}
-        self.by_name: dict[tuple, int] = {}
+        self.nodes: dict[int, Node] = {ROOT: Node(ROOT, "root", lookups=1)}
+        self.sessions: dict[str, int] = {}  # session -> ino
+        self.versions: dict[tuple, int] = {}  # (session, name, version) -> ino
+        self.claims: dict[tuple, int] = {}  # (session, name, tgid) -> writer ino
         self.handles: dict[int, Handle] = {}
         self._next_ino = ROOT + 1
         self._next_fh = 1
@@ -185,16 +205,30 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
 
     # -- inode table ----------------------------------------------------------------
 
-    def _node(self, session: str, name: str | None) -> Node:
-        key = (session, name)
-        ino = self.by_name.get(key)
-        if ino is not None:
-            return self.nodes[ino]
+    def _new_node(self, kind: str, session=None, name=None, entry=None) -> Node:
         ino = self._next_ino
         self._next_ino += 1
-        node = Node(ino, session, name)
+        node = Node(ino, kind, session, name, entry)
         self.nodes[ino] = node
-        self.by_name[key] = ino
+        return node
+
+    def _session_node(self, session: str) -> Node:
+        ino = self.sessions.get(session)
+        if ino is None:
+            node = self._new_node("session", session)
+            self.sessions[session] = node.ino
+            return node
+        return self.nodes[ino]
+
+    def _version_node(self, entry: Entry) -> Node:
+        key = (entry.session, entry.name, entry.version)
+        ino = self.versions.get(key)
+        if ino is None:
+            node = self._new_node("version", entry.session, entry.name, entry)
+            self.versions[key] = node.ino
+            return node
+        node = self.nodes[ino]
+        node.entry = entry  # same version, maybe newer times or attributes
         return node
 
     def _get(self, ino: int) -> Node:
@@ -203,21 +237,35 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         except KeyError:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
-    def detach(self, session: str, name: str | None) -> Node | None:
-        """A name went away: later lookups get a fresh inode."""
-        ino = self.by_name.pop((session, name), None)
-        if ino is None:
-            return None
-        node = self.nodes[ino]
-        node.detached = True
-        self._maybe_free(node)
-        return node
-
     def _maybe_free(self, node: Node) -> None:
-        if node.ino != ROOT and node.lookups <= 0 and node.handles <= 0:
-            self.nodes.pop(node.ino, None)
-            if self.by_name.get((node.session, node.name)) == node.ino:
-                del self.by_name[(node.session, node.name)]
+        if node.ino == ROOT or node.lookups > 0 or node.handles > 0:
+            return
+        self.nodes.pop(node.ino, None)
+        if node.kind == "session" and self.sessions.get(node.session) == node.ino:
+            del self.sessions[node.session]
+        elif node.kind == "version":
+            key = (node.session, node.name, node.entry.version)
+            if self.versions.get(key) == node.ino:
+                del self.versions[key]
+        elif node.kind == "writer":
+            if node.pinned and time.monotonic() - node.pinned < CLAIM_TTL:
+                # the kernel forgets the inode its ESTALE revalidation saw; the
+                # open that follows still needs the claim
+                self.nodes[node.ino] = node
+                return
+            self._drop_claim(node)
+
+    def _drop_claim(self, node: Node) -> None:
+        key = (node.session, node.name, node.owner)
+        if self.claims.get(key) == node.ino:
+            del self.claims[key]
+
+    def _writer_nodes(self, session: str, name: str) -> list[Node]:
+        return [
+            self.nodes[ino]
+            for (s, n, _), ino in self.claims.items()
+            if s == session and n == name and ino in self.nodes
+        ]
 
     def invalidate(self, kind: str, *args) -> None:
         """Queue a kernel cache invalidation; a background task sends it."""
@@ -237,27 +285,34 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
                 if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
                     log.debug("invalidate %s%s: %s", kind, args, exc)
 
+    def _forget_name(self, session: str, name: str, keep: str | None = None) -> None:
+        """Make the kernel look SESSION/NAME up again at its next use.
+
+        Only needed while it may hold the name bound to another version's
+        inode (writer inodes are never cached); dropping a name needlessly
+        can evict an inode and its pages.
+        """
+        sino = self.sessions.get(session)
+        if sino is None:
+            return
+        if any(s == session and n == name and v != keep for s, n, v in self.versions):
+            self.invalidate("entry", sino, name.encode())
+
     def on_entry_changed(self, session: str, name: str, entry: Entry | None) -> None:
         """A watch event (or a local commit) changed SESSION/NAME."""
-        ino = self.by_name.get((session, name))
-        sino = self.by_name.get((session, None))
-        if entry is None:
-            if sino is not None:
-                self.invalidate("entry", sino, name.encode())
-            self.detach(session, name)
-            return
-        if ino is not None:
-            node = self.nodes[ino]
-            if node.cache_version != entry.version:
-                node.cache_version = None
-                self.invalidate("inode", ino)
+        if entry is not None:
+            ino = self.versions.get((session, name, entry.version))
+            if ino is not None:
+                # the same version with new times or attributes
+                self.nodes[ino].entry = entry
+                self.invalidate("inode", ino, True)
+                return
+        # a new version, or gone: the name must resolve afresh
+        self._forget_name(session, name, keep=entry.version if entry else None)
 
     def on_session_changed(self, session: str, info: SessionInfo | None) -> None:
         if info is None:
             self.invalidate("entry", ROOT, session.encode())
-            self.detach(session, None)
-            for key in [k for k in self.by_name if k[0] == session]:
-                self.detach(*key)
 
     # -- attributes -------------------------------------------------------------------
 
@@ -299,69 +354,79 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         a.entry_timeout = a.attr_timeout = TIMEOUT
         return a
 
-    def _pending_attr(self, node: Node, h: Handle) -> pyfuse3.EntryAttributes:
-        p = h.pending
+    def _writer_attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        """What the writing process sees of its unfinished version."""
+        p = next((h.pending for h in reversed(node.writers) if h.pending is not None), None)
+        base = node.entry
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
-        a.st_mode = stat.S_IFREG | (p.mode & 0o7777)
-        a.st_nlink = 1
-        a.st_uid, a.st_gid = p.uid, p.gid
-        a.st_size = p.size
-        a.st_blocks = (p.size + 511) // 512
-        a.st_blksize = BLKSIZE
         now = time.time_ns()
-        a.st_mtime_ns = a.st_atime_ns = p.mtime_ns or now
+        if p is not None:
+            mode, uid, gid, size = p.mode, p.uid, p.gid, p.size
+            mtime = p.mtime_ns or now
+        elif base is not None:
+            mode, uid, gid, size, mtime = base.mode, base.uid, base.gid, base.size, base.mtime_ns
+        else:
+            mode, uid, gid, size, mtime = stat.S_IFREG | 0o644, self.uid, self.gid, 0, now
+        a.st_mode = stat.S_IFREG | (mode & 0o7777)
+        a.st_nlink = 1
+        a.st_uid, a.st_gid = uid, gid
+        a.st_size = size
+        a.st_blocks = (size + 511) // 512
+        a.st_blksize = BLKSIZE
+        a.st_mtime_ns = a.st_atime_ns = mtime
         a.st_ctime_ns = now
-        # not yet committed: the kernel must ask again
+        # private to the writer and changing: the kernel must always ask
         a.entry_timeout = a.attr_timeout = 0
         return a
 
-    async def _attr(self, node: Node, ctx=None) -> pyfuse3.EntryAttributes:
-        if node.ino == ROOT:
+    async def _attr(self, node: Node) -> pyfuse3.EntryAttributes:
+        if node.kind == "root":
             return self._root_attr()
-        if node.name is None:
+        if node.kind == "session":
             info = await self.ns.get_session(node.session)
             if info is None:
                 raise pyfuse3.FUSEError(errno.ENOENT)
             return self._session_attr(node, info)
-        if node.writers and ctx is not None:
-            # a writer sees its own unfinished version; everyone else the committed one
-            me = tgid(ctx.pid)
-            for h in reversed(node.writers):
-                if h.owner == me and h.pending is not None and h.pending.dirty:
-                    return self._pending_attr(node, h)
-        entry = await self.ns.get_entry(node.session, node.name)
-        if entry is None:
-            if node.writers:
-                return self._pending_attr(node, node.writers[-1])
-            raise pyfuse3.FUSEError(errno.ENOENT)
-        return self._file_attr(node, entry)
+        if node.kind == "writer":
+            return self._writer_attr(node)
+        current = await self.ns.get_entry(node.session, node.name)
+        if current is not None and current.version == node.entry.version:
+            node.entry = current
+        return self._file_attr(node, node.entry)
 
     # -- lookups ----------------------------------------------------------------------
 
     async def lookup(self, parent_inode, name, ctx=None):
-        log.debug("lookup %d %r", parent_inode, name)
+        log.debug("lookup %d %r pid=%s", parent_inode, name, ctx.pid if ctx else None)
         try:
             if parent_inode == ROOT:
                 session = check_name(name)
                 info = await self.ns.get_session(session)
                 if info is None:
                     raise NotFound(session)
-                node = self._node(session, None)
+                node = self._session_node(session)
                 attr = self._session_attr(node, info)
             else:
                 parent = self._get(parent_inode)
-                if parent.name is not None:
+                if parent.kind != "session":
                     raise pyfuse3.FUSEError(errno.ENOTDIR)
                 fname = check_name(name)
-                ino = self.by_name.get((parent.session, fname))
-                if ino is not None and self.nodes[ino].writers:
-                    await self._await_closing_writers(self.nodes[ino])
-                entry = await self.ns.get_entry(parent.session, fname)
-                if entry is None:
-                    raise NotFound(fname)
-                node = self._node(parent.session, fname)
-                attr = self._file_attr(node, entry)
+                claim = None
+                if ctx is not None and any(
+                    k[0] == parent.session and k[1] == fname for k in self.claims
+                ):
+                    claim = self.claims.get((parent.session, fname, tgid(ctx.pid)))
+                if claim is not None and claim in self.nodes:
+                    node = self.nodes[claim]  # a writer finds its own inode
+                    attr = self._writer_attr(node)
+                else:
+                    await self._await_closing_writers(parent.session, fname)
+                    entry = await self.ns.get_entry(parent.session, fname)
+                    if entry is None:
+                        raise NotFound(fname)
+                    node = self._version_node(entry)
+                    attr = self._file_attr(node, entry)
         except KvfsError as exc:
             if isinstance(exc, NotFound):
                 # a negative entry the kernel may cache briefly; watches invalidate it
@@ -384,20 +449,22 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
     async def getattr(self, inode, ctx=None):
         node = self._get(inode)
         try:
-            return await self._attr(node, ctx)
+            return await self._attr(node)
         except KvfsError as exc:
             raise _fuse_error(exc) from None
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._get(inode)
         try:
-            if node.ino == ROOT:
+            if node.kind == "root":
                 raise NotPermitted("the root's attributes are fixed")
-            if node.name is None:
+            if node.kind == "session":
                 await self._setattr_session(node, attr, fields)
+            elif node.kind == "writer":
+                await self._setattr_writer(node, attr, fields, fh)
             else:
-                await self._setattr_file(node, attr, fields, fh, ctx)
-            return await self._attr(node, ctx)
+                await self._setattr_version(node, attr, fields, ctx)
+            return await self._attr(node)
         except KvfsError as exc:
             raise _fuse_error(exc) from None
 
@@ -414,22 +481,15 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
 
         await self.ns.update_session(node.session, mutate)
 
-    async def _setattr_file(self, node, attr, fields, fh, ctx):
+    async def _setattr_writer(self, node, attr, fields, fh):
         h = self.handles.get(fh) if fh is not None else None
+        if h is None or not h.writable:
+            h = next((w for w in reversed(node.writers)), None)
         if fields.update_size:
-            if h is not None and h.writable:
-                await self._ensure_pending(h)
-                await self.ns.call_io(h.pending.truncate, attr.st_size)
-            else:
-                # truncate(2) by path: a new version, committed at once
-                h = await self._open_handle(node, writable=True, ctx=ctx)
-                try:
-                    await self._ensure_pending(h)
-                    await self.ns.call_io(h.pending.truncate, attr.st_size)
-                    await self._commit(h)
-                finally:
-                    await self._close_handle(h)
-                h = None
+            if h is None:
+                raise KvfsError("the writer has closed the file", errno.ESTALE)
+            await self._ensure_pending(h)
+            await self.ns.call_io(h.pending.truncate, attr.st_size)
         if not (
             fields.update_mtime
             or fields.update_mode
@@ -438,25 +498,46 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             or fields.update_atime
         ):
             return
-        pending = None
-        for w in node.writers:
-            if w.pending is not None:
-                pending = w.pending
-        entry = await self.ns.get_entry(node.session, node.name)
-        if entry is None and pending is None:
-            raise NotFound(node.name)
-        if pending is not None:
+        if h is not None and h.pending is not None and h.pending.dirty:
+            # a version being written: its metadata commits with it
+            p = h.pending
             if fields.update_mtime:
-                pending.mtime_ns = attr.st_mtime_ns
+                p.mtime_ns = attr.st_mtime_ns
             if fields.update_mode:
-                pending.mode = stat.S_IFREG | (attr.st_mode & 0o7777)
+                p.mode = stat.S_IFREG | (attr.st_mode & 0o7777)
             if fields.update_uid:
-                pending.uid = attr.st_uid
+                p.uid = attr.st_uid
             if fields.update_gid:
-                pending.gid = attr.st_gid
-        if entry is None:
+                p.gid = attr.st_gid
+            return
+        if node.entry is not None:
+            # opened for writing but unchanged (touch does this): the committed entry
+            node.entry = await self._update_meta(node.session, node.name, attr, fields)
+
+    async def _setattr_version(self, node, attr, fields, ctx):
+        if fields.update_size:
+            # truncate(2) by path: a new version, committed at once
+            w = self._new_node("writer", node.session, node.name, node.entry)
+            h = self._new_handle(w, True, ctx)
+            w.writers.append(h)
+            try:
+                await self._ensure_pending(h)
+                await self.ns.call_io(h.pending.truncate, attr.st_size)
+                await self._commit(h)
+            finally:
+                await self._close_handle(h)
+        if not (
+            fields.update_mtime
+            or fields.update_mode
+            or fields.update_uid
+            or fields.update_gid
+            or fields.update_atime
+        ):
             return
 
+        await self._update_meta(node.session, node.name, attr, fields)
+
+    async def _update_meta(self, session, name, attr, fields) -> Entry:
         def mutate(e: Entry):
             if fields.update_mtime:
                 e.mtime_ns = attr.st_mtime_ns
@@ -470,8 +551,9 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             if fields.update_gid:
                 e.gid = attr.st_gid
 
-        new = await self.ns.update_entry(node.session, node.name, mutate)
-        node.cache_version = new.version if node.cache_version == new.version else None
+        new = await self.ns.update_entry(session, name, mutate)
+        self._version_node(new)
+        return new
 
     # -- directories ------------------------------------------------------------------
 
@@ -484,7 +566,7 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             info = await self.ns.mkdir(session, stat.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
         except KvfsError as exc:
             raise _fuse_error(exc) from None
-        node = self._node(session, None)
+        node = self._session_node(session)
         node.lookups += 1
         return self._session_attr(node, info)
 
@@ -496,22 +578,21 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             await self.ns.rmdir(session)
         except KvfsError as exc:
             raise _fuse_error(exc) from None
-        self.detach(session, None)
 
     async def opendir(self, inode, ctx):
         node = self._get(inode)
-        if node.name is not None:
+        if node.kind not in ("root", "session"):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return inode
 
     async def readdir(self, fh, start_id, token):
         node = self._get(fh)
         try:
-            if node.ino != ROOT and start_id == 0:
-                for other in list(self.nodes.values()):
-                    if other.session == node.session and other.writers:
-                        await self._await_closing_writers(other)
-            if node.ino == ROOT:
+            if node.kind == "session" and start_id == 0:
+                for (s, n, _), _ino in list(self.claims.items()):
+                    if s == node.session:
+                        await self._await_closing_writers(s, n)
+            if node.kind == "root":
                 items = [(s.name, s) for s in await self.ns.list_sessions()]
             else:
                 items = [(e.name, e) for e in await self.ns.list_entries(node.session)]
@@ -520,11 +601,11 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         items.sort(key=lambda it: it[0])
         for i in range(start_id, len(items)):
             name, rec = items[i]
-            if node.ino == ROOT:
-                child = self._node(name, None)
+            if node.kind == "root":
+                child = self._session_node(name)
                 attr = self._session_attr(child, rec)
             else:
-                child = self._node(node.session, name)
+                child = self._version_node(rec)
                 attr = self._file_attr(child, rec)
             if not pyfuse3.readdir_reply(token, name.encode(), attr, i + 1):
                 break
@@ -537,9 +618,9 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
 
     def _file_parent(self, parent_inode) -> Node:
         parent = self._get(parent_inode)
-        if parent.ino == ROOT:
+        if parent.kind == "root":
             raise NotPermitted("the root holds session directories only")
-        if parent.name is not None:
+        if parent.kind != "session":
             raise pyfuse3.FUSEError(errno.ENOTDIR)
         return parent
 
@@ -550,7 +631,6 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             await self.ns.unlink(parent.session, fname)
         except KvfsError as exc:
             raise _fuse_error(exc) from None
-        self.detach(parent.session, fname)
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         if flags & pyfuse3.RENAME_EXCHANGE:
@@ -564,8 +644,6 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             old_parent = self._file_parent(parent_inode_old)
             new_parent = self._file_parent(parent_inode_new)
             old, new = check_name(name_old), check_name(name_new)
-            # taken before the await: the watch may retire the old name meanwhile
-            src = self.by_name.get((old_parent.session, old))
             moved = await self.ns.rename(
                 old_parent.session,
                 old,
@@ -575,16 +653,12 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             )
         except KvfsError as exc:
             raise _fuse_error(exc) from None
-        # the inode follows its name: move the node, retire what was replaced
-        self.detach(new_parent.session, new)
-        if self.by_name.get((old_parent.session, old)) == src:
-            self.by_name.pop((old_parent.session, old), None)
-        node = self.nodes.get(src) if src is not None else None
-        if node is not None:
-            node.session, node.name = new_parent.session, new
-            node.detached = False
-            self.by_name[(new_parent.session, new)] = node.ino
-            node.cache_version = moved.version if node.cache_version == moved.version else None
+        # the kernel moved its dentry: the version's inode now answers to the new name
+        ino = self.versions.pop((old_parent.session, old, moved.version), None)
+        if ino is not None and ino in self.nodes:
+            n = self.nodes[ino]
+            n.session, n.name, n.entry = new_parent.session, new, moved
+            self.versions[(new_parent.session, new, moved.version)] = ino
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         raise pyfuse3.FUSEError(errno.EPERM)
@@ -603,19 +677,10 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
     def _new_handle(self, node: Node, writable: bool, ctx=None) -> Handle:
         fh = self._next_fh
         self._next_fh += 1
-        h = Handle(fh, node, writable, owner=tgid(ctx.pid) if ctx is not None else 0)
+        owner = tgid(ctx.pid) if ctx is not None and writable else 0
+        h = Handle(fh, node, writable, owner=owner)
         self.handles[fh] = h
         node.handles += 1
-        return h
-
-    async def _open_handle(self, node: Node, *, writable: bool, ctx) -> Handle:
-        entry = await self.ns.get_entry(node.session, node.name)
-        if entry is None and not node.writers:
-            raise NotFound(node.name)
-        h = self._new_handle(node, writable, ctx)
-        h.entry = entry
-        if writable:
-            node.writers.append(h)
         return h
 
     async def _close_handle(self, h: Handle) -> None:
@@ -623,57 +688,109 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         self.handles.pop(h.fh, None)
         if h in node.writers:
             node.writers.remove(h)
+            if not node.writers and not (
+                node.pinned and time.monotonic() - node.pinned < CLAIM_TTL
+            ):
+                # the writer is done: its process finds the committed version again
+                self._drop_claim(node)
         if h.pending is not None:
             await self.ns.call_io(h.pending.abort)
             h.pending = None
         if h.reader is not None:
             reader, h.reader = h.reader, None
             await self.ns.call_io(reader.close)
-        if h.entry is not None and not h.writable:
-            node.open_versions[h.entry.version] -= 1
-            if node.open_versions[h.entry.version] <= 0:
-                del node.open_versions[h.entry.version]
         node.handles -= 1
         self._maybe_free(node)
 
+    def _claim(self, session: str, name: str, owner: int, base: Entry | None) -> Node:
+        """A writer inode for OWNER's writes to SESSION/NAME."""
+        key = (session, name, owner)
+        ino = self.claims.get(key)
+        if ino is not None and ino in self.nodes:
+            node = self.nodes[ino]
+            if node.writers or time.monotonic() - node.pinned < CLAIM_TTL:
+                node.pinned = time.monotonic()  # another open is on its way
+                return node
+        w = self._new_node("writer", session, name, base)
+        w.owner = owner
+        w.pinned = time.monotonic()
+        self.claims[key] = w.ino
+        return w
+
     async def open(self, inode, flags, ctx):
         node = self._get(inode)
-        log.debug("open ino=%d %s/%s flags=%o", inode, node.session, node.name, flags)
-        if node.name is None:
+        if node.kind in ("root", "session"):
             raise pyfuse3.FUSEError(errno.EISDIR)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        me = tgid(ctx.pid)
+        log.debug(
+            "open %d (%s %s/%s) flags=%o pid=%d",
+            inode,
+            node.kind,
+            node.session,
+            node.name,
+            flags,
+            ctx.pid,
+        )
         try:
-            if node.writers:
-                await self._await_closing_writers(node)
-            h = await self._open_handle(node, writable=writable, ctx=ctx)
-            if writable:
-                if flags & os.O_TRUNC:
-                    await self._ensure_pending(h, empty=True)
-                    h.pending.dirty = True
-                # writes bypass the page cache: the inode's pages must keep
-                # holding the committed version for every other reader
+            if node.kind == "version":
+                current = await self.ns.get_entry(node.session, node.name)
+                if writable:
+                    # Not on this inode: readers share it. Hand the writer an
+                    # inode of its own; the kernel retries the open once on
+                    # ESTALE, looking the name up again, and finds it.
+                    self._claim(node.session, node.name, me, current)
+                    raise pyfuse3.FUSEError(errno.ESTALE)
+                if current is not None and current.version == node.entry.version:
+                    node.entry = current
+                # the version this name resolved to, even if a replace landed
+                # since (as an open file outlives a rename over it); opened now,
+                # not at the first read, since reads arrive concurrently
+                direct = False
+                try:
+                    reader = await self.ns.call_io(self.ns.store.reader, node.entry.object)
+                    current = node.entry
+                except NotFound:
+                    # replaced long enough ago that its bytes are gone: serve what
+                    # etcd has now, past the page cache (this inode's size is the
+                    # old version's)
+                    current = await self.ns.call_meta(
+                        self.ns.meta.get_entry, node.session, node.name
+                    )
+                    if current is None:
+                        raise
+                    reader = await self.ns.call_io(self.ns.store.reader, current.object)
+                    direct = True
+                h = self._new_handle(node, False, ctx)
+                h.entry = current
+                h.reader = reader
+                self.ns.counters["files_read"] += 1
+                if self.touch_on_read:
+                    self._maybe_touch(current)
+                if direct:
+                    return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
+                # committed versions never change: the kernel may keep their pages
+                return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+            # a writer inode
+            if not writable:
+                # reading by path while the process writes the name: the
+                # committed version, as every other reader sees it
+                current = await self.ns.get_entry(node.session, node.name)
+                if current is None:
+                    raise NotFound(node.name)
+                reader = await self.ns.call_io(self.ns.store.reader, current.object)
+                h = self._new_handle(node, False, ctx)
+                h.entry = current
+                h.reader = reader
                 return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
-            entry = h.entry
-            if entry is None:
-                await self._close_handle(h)
-                raise NotFound(node.name)
-            fi = pyfuse3.FileInfo(fh=h.fh)
-            others = [v for v in node.open_versions if v != entry.version]
-            if others:
-                # an older version is still being read through this inode: keep
-                # the new reader off the shared page cache
-                fi.direct_io = True
-                fi.keep_cache = False
-            elif node.cache_version == entry.version:
-                fi.keep_cache = True
-            else:
-                fi.keep_cache = False  # the kernel drops whatever it held
-                node.cache_version = entry.version
-            node.open_versions[entry.version] += 1
-            self.ns.counters["files_read"] += 1
-            if self.touch_on_read:
-                self._maybe_touch(entry)
-            return fi
+            h = self._new_handle(node, True, ctx)
+            node.writers.append(h)
+            node.pinned = 0.0
+            if flags & os.O_TRUNC:
+                await self._ensure_pending(h, empty=True)
+                h.pending.dirty = True
+            # writes bypass the page cache: nothing to keep coherent
+            return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
         except KvfsError as exc:
             raise _fuse_error(exc) from None
 
@@ -703,9 +820,12 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             fname = check_name(name)
             if await self.ns.get_session(parent.session) is None:
                 raise NotFound(parent.session)
-            node = self._node(parent.session, fname)
-            h = self._new_handle(node, True, ctx)
-            node.writers.append(h)
+            me = tgid(ctx.pid)
+            base = await self.ns.get_entry(parent.session, fname)
+            w = self._claim(parent.session, fname, me, base)
+            h = self._new_handle(w, True, ctx)
+            w.writers.append(h)
+            w.pinned = 0.0
             try:
                 h.pending = await self.ns.new_pending(
                     parent.session,
@@ -713,6 +833,7 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
                     mode=stat.S_IFREG | (mode & 0o7777),
                     uid=ctx.uid,
                     gid=ctx.gid,
+                    xattrs=base.xattrs if base else None,
                 )
             except BaseException:
                 await self._close_handle(h)
@@ -720,16 +841,16 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             h.pending.dirty = True  # an empty new file is still a file
         except KvfsError as exc:
             raise _fuse_error(exc) from None
-        node.lookups += 1
+        w.lookups += 1
         fi = pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
-        return fi, self._pending_attr(node, h)
+        return fi, self._writer_attr(w)
 
     async def _ensure_pending(self, h: Handle, empty: bool = False) -> None:
         if h.pending is not None:
             return
         node = h.node
-        # a truncating open starts empty but, as on any filesystem, the file
-        # keeps its mode, owner and attributes
+        # the version being replaced lends its mode, owner and attributes, and
+        # (unless truncated) its bytes
         base = await self.ns.get_entry(node.session, node.name)
         mode = base.mode if base else stat.S_IFREG | 0o644
         uid = base.uid if base else self.uid
@@ -759,8 +880,6 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             size = max(0, min(size, entry.size - off))
             if size == 0:
                 return b""
-            if h.reader is None:
-                h.reader = await self.ns.call_io(self.ns.store.reader, entry.object)
             data = await self.ns.call_io(self._read_verified, h, off, size)
             self.ns.counters["bytes_read"] += len(data)
             return data
@@ -827,16 +946,8 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         p = h.pending
         entry = await self.ns.commit(p)
         h.pending = None
-        node = h.node
-        if not node.detached:
-            # writers are direct_io, so the inode's pages can only hold an
-            # older version some reader cached; without one, attributes suffice
-            attr_only = node.cache_version is None
-            node.cache_version = None
-            self.invalidate("inode", node.ino, attr_only)
-        else:
-            # a writer of an unlinked-then-recreated name: its new name
-            self._node(entry.session, entry.name)
+        # the name moves to the new version's inode
+        self._forget_name(p.session, p.name, keep=entry.version)
 
     async def flush(self, fh):
         # Every close(2) of every descriptor lands here, also a forked child
@@ -875,16 +986,17 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             holds_file, h.owner, path, limiter=self.proc_limiter
         )
 
-    async def _await_closing_writers(self, node: Node) -> None:
+    async def _await_closing_writers(self, session: str, name: str) -> None:
         """Let a just-closed writer's commit land before a reader looks.
 
         The kernel sends release shortly after the last close(2) returns; a
         reader arriving in between would see the previous version.
         """
-        for w in list(node.writers):
-            if w.flushed and w.pending is not None and w.pending.dirty:
-                with trio.move_on_after(0.5):
-                    await w.released.wait()
+        for node in self._writer_nodes(session, name):
+            for w in list(node.writers):
+                if w.flushed and w.pending is not None and w.pending.dirty:
+                    with trio.move_on_after(0.5):
+                        await w.released.wait()
 
     async def fsync(self, fh, datasync):
         pass
@@ -918,13 +1030,22 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
 
     # -- xattrs ---------------------------------------------------------------------------
 
+    async def _file_entry(self, node: Node) -> Entry | None:
+        """The metadata a file inode shows: its version's, kept current."""
+        if node.kind == "version":
+            current = await self.ns.get_entry(node.session, node.name)
+            if current is not None and current.version == node.entry.version:
+                node.entry = current
+            return node.entry
+        return node.entry  # a writer: the version it replaces, if any
+
     async def _computed_xattrs(self, node: Node) -> dict[str, bytes]:
-        if node.ino == ROOT:
+        if node.kind == "root":
             out = {"user.kvfs.store": self.ns.store.url.encode()}
             if self.status_fn is not None:
                 out["user.kvfs.status"] = self.status_fn().encode()
             return out
-        if node.name is None:
+        if node.kind == "session":
             info = await self.ns.get_session(node.session)
             if info is None:
                 raise NotFound(node.session)
@@ -934,9 +1055,9 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
                 "user.kvfs.files": str(len(entries)).encode(),
                 "user.kvfs.size": str(sum(e.size for e in entries)).encode(),
             }
-        entry = await self.ns.get_entry(node.session, node.name)
-        if entry is None:
-            raise NotFound(node.name)
+        if node.kind == "writer":
+            return {"user.kvfs.size": str(self._writer_attr(node).st_size).encode()}
+        entry = await self._file_entry(node)
         return {
             "user.kvfs.size": str(entry.size).encode(),
             "user.kvfs.ctime": str(entry.ctime_ns).encode(),
@@ -948,20 +1069,19 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         }
 
     async def _user_xattrs(self, node: Node) -> dict[str, bytes]:
-        if node.ino == ROOT:
+        if node.kind == "root":
             return {}
-        if node.name is None:
+        if node.kind == "session":
             info = await self.ns.get_session(node.session)
             if info is None:
                 raise NotFound(node.session)
             return info.xattrs
-        for w in node.writers:
-            if w.pending is not None:
-                return w.pending.xattrs
-        entry = await self.ns.get_entry(node.session, node.name)
-        if entry is None:
-            raise NotFound(node.name)
-        return entry.xattrs
+        if node.kind == "writer":
+            for w in reversed(node.writers):
+                if w.pending is not None:
+                    return w.pending.xattrs
+            return node.entry.xattrs if node.entry else {}
+        return (await self._file_entry(node)).xattrs
 
     async def getxattr(self, inode, name, ctx):
         node = self._get(inode)
@@ -1023,9 +1143,9 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
 
     async def _change_xattrs(self, node: Node, change) -> None:
         try:
-            if node.ino == ROOT:
+            if node.kind == "root":
                 raise NotPermitted("the root has no user attributes")
-            if node.name is None:
+            if node.kind == "session":
 
                 def mutate_s(info: SessionInfo):
                     change(info.xattrs)
@@ -1033,17 +1153,23 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
 
                 await self.ns.update_session(node.session, mutate_s)
                 return
-            for w in node.writers:
-                if w.pending is not None:
-                    x = dict(w.pending.xattrs)
-                    change(x)
-                    check_xattr_room(x)
-                    w.pending.xattrs = x
-                    if await self.ns.get_entry(node.session, node.name) is None:
-                        return
-            await self.ns.update_entry(node.session, node.name, lambda e: change(e.xattrs))
-        except Conflict as exc:
-            raise _fuse_error(exc) from None
+            if node.kind == "writer":
+                # attributes set while writing commit with the bytes
+                if not node.writers:
+                    raise KvfsError("the writer has closed the file", errno.ESTALE)
+                h = node.writers[-1]
+                await self._ensure_pending(h)
+                x = dict(h.pending.xattrs)
+                change(x)
+                check_xattr_room(x)
+                h.pending.xattrs = x
+                return
+
+            def mutate(e: Entry):
+                change(e.xattrs)
+
+            new = await self.ns.update_entry(node.session, node.name, mutate)
+            self._version_node(new)
         except KvfsError as exc:
             raise _fuse_error(exc) from None
 

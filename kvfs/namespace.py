@@ -20,7 +20,8 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
+XATTR_TOTAL_MAX = 2048
+DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable  # bytes of names + values per file, like one ext4 block
 
 
 class Namespace:
@@ -61,13 +62,17 @@ class Namespace:
 
     def delete_object_later(self, key: str) -> None:
         try:
-            self._send_delete.send_nowait(key)
+            self._send_delete.send_nowait((time.monotonic() + DELETE_GRACE, key))
         except trio.WouldBlock:
             log.warning("object delete queue full; %s left for the sweep", key)
 
     async def run_deleter(self, task_status=trio.TASK_STATUS_IGNORED):
+        # Replaced and removed objects go after a grace period: a reader on
+        # another node that resolved the name just before can still read the
+        # version it resolved.
         task_status.started()
-        async for key in self._recv_delete:
+        async for due, key in self._recv_delete:
+            await trio.sleep_until(trio.current_time() + max(0.0, due - time.monotonic()))
             try:
                 await self.call_io(self.store.delete, key)
             except KvfsError as exc:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from conftest import KVFS, wait_for
+from kvfstest import KVFS, wait_for
 
 
 def objects(m):

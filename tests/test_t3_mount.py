@@ -11,7 +11,7 @@ import pytest
 
 from kvfs.objects import block_checksum, sums_of
 
-from conftest import wait_for
+from kvfstest import wait_for
 
 
 def checksum_of(data: bytes) -> bytes:
@@ -288,7 +288,7 @@ def test_status_reports_counters(kvfs_mount):
     assert st["counters"]["files_read"] >= 1
     assert set(st["cache"]) >= {"session", "layer", "recent"}
     assert st["etcd"]["endpoints"][0]["healthy"] in (True, False)
-    human = sh(*__import__("conftest").KVFS, "status", str(kvfs_mount.path)).stdout
+    human = sh(*__import__("kvfstest").KVFS, "status", str(kvfs_mount.path)).stdout
     assert "cache" in human and "etcd" in human
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KVFS, Mount, free_port, wait_for
+from kvfstest import KVFS, Mount, free_port, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]

@@ -4,7 +4,7 @@ import os
 import threading
 import time
 
-from conftest import wait_for
+from kvfstest import wait_for
 
 
 def read_or_none(p):

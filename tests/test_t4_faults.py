@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KVFS, EtcdCluster, wait_for
+from kvfstest import KVFS, EtcdCluster, wait_for
 
 HERE = Path(__file__).parent
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import KVFS, ROOT, wait_for
+from kvfstest import KVFS, ROOT, wait_for
 
 UNIT = ROOT / "systemd" / "kvfs@.service"
 BIN = Path(sys.executable).parent  # the venv's kvfs and mount.kvfs

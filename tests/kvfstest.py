@@ -1,0 +1,214 @@
+"""Test helpers shared by every layer: etcd processes, kvfs mounts, waiting.
+
+(A module of its own, not conftest: tests/connector has a conftest too, and
+`from conftest import` would reach whichever Python imported first.)
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+KVFS = [sys.executable, "-m", "kvfs.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(cond, timeout=10.0, interval=0.02, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@dataclass
+class EtcdMember:
+    name: str
+    client_port: int
+    peer_port: int
+    data_dir: Path
+    cluster: str
+    proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, new: bool = True):
+        cmd = [
+            "etcd",
+            "--name",
+            self.name,
+            "--data-dir",
+            str(self.data_dir),
+            "--listen-client-urls",
+            f"http://{self.endpoint}",
+            "--advertise-client-urls",
+            f"http://{self.endpoint}",
+            "--listen-peer-urls",
+            f"http://127.0.0.1:{self.peer_port}",
+            "--initial-advertise-peer-urls",
+            f"http://127.0.0.1:{self.peer_port}",
+            "--initial-cluster",
+            self.cluster,
+            "--initial-cluster-state",
+            "new",
+            "--heartbeat-interval",
+            "10",
+            "--election-timeout",
+            "100",
+        ]
+        log = open(self.data_dir.parent / f"{self.name}.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        log.close()
+
+    def stop(self, sig=signal.SIGTERM):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def healthy(self) -> bool:
+        r = subprocess.run(
+            ["etcdctl", "--endpoints", self.endpoint, "--command-timeout=1s", "endpoint", "health"],
+            capture_output=True,
+            env={**os.environ, "ETCDCTL_API": "3"},
+        )
+        return r.returncode == 0
+
+
+class EtcdCluster:
+    def __init__(self, base: Path, size: int):
+        names = [f"m{i}" for i in range(size)]
+        ports = [(free_port(), free_port()) for _ in names]
+        cluster = ",".join(
+            f"{n}=http://127.0.0.1:{p}" for n, (_, p) in zip(names, ports, strict=True)
+        )
+        self.members = [
+            EtcdMember(n, c, p, base / n, cluster) for n, (c, p) in zip(names, ports, strict=True)
+        ]
+
+    @property
+    def endpoints(self) -> str:
+        return ",".join(m.endpoint for m in self.members)
+
+    def start(self):
+        for m in self.members:
+            m.data_dir.mkdir(parents=True, exist_ok=True)
+            m.start()
+        wait_for(lambda: all(m.healthy() for m in self.members), 30, 0.1, "etcd healthy")
+        return self
+
+    def leader(self) -> EtcdMember:
+        for m in self.members:
+            if m.proc is None:
+                continue
+            r = subprocess.run(
+                ["etcdctl", "--endpoints", m.endpoint, "endpoint", "status", "-w", "json"],
+                capture_output=True,
+                text=True,
+                env={**os.environ, "ETCDCTL_API": "3"},
+            )
+            if r.returncode == 0:
+                st = json.loads(r.stdout)[0]["Status"]
+                if st["leader"] == st["header"]["member_id"]:
+                    return m
+        raise AssertionError("no etcd leader")
+
+    def stop(self):
+        for m in self.members:
+            m.stop()
+
+
+@dataclass
+class Mount:
+    """A mounted kvfs as a test sees it."""
+
+    path: Path
+    store: Path
+    etcd: str
+    prefix: str
+    state_dir: Path
+    args: list = field(default_factory=list)
+    pid: int | None = None
+
+    def status(self) -> dict:
+        out = subprocess.run(
+            KVFS + ["status", "--json", str(self.path)], check=True, capture_output=True, text=True
+        ).stdout
+        return json.loads(out)
+
+    def log(self) -> str:
+        p = self.state_dir / "kvfs.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def mount(self):
+        self.path.mkdir(parents=True, exist_ok=True)
+        cmd = KVFS + [
+            "mount",
+            str(self.path),
+            "--store",
+            f"local:{self.store}",
+            "--state-dir",
+            str(self.state_dir),
+            "--etcd-prefix",
+            self.prefix,
+        ]
+        if self.etcd:
+            cmd += ["--etcd", self.etcd]
+        r = subprocess.run(cmd + self.args, capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise AssertionError(f"kvfs mount failed: {r.stdout}{r.stderr}\n{self.log()}")
+        self.pid = self.status()["pid"]
+        return self
+
+    def umount(self):
+        if not os.path.ismount(self.path) and self.pid is None:
+            return
+        r = subprocess.run(
+            KVFS + ["umount", str(self.path)], capture_output=True, text=True, timeout=60
+        )
+        if r.returncode != 0 or os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        if self.pid:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.pid = None
+
+    def kill(self):
+        """SIGKILL the daemon and clear its dead mount, as an operator would."""
+        os.kill(self.pid, signal.SIGKILL)
+        wait_for(lambda: not _alive(self.pid), 10, what="daemon death")
+        subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
+        self.pid = None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
