@@ -66,17 +66,19 @@ class Handle:
     block: tuple | None = None  # (index, bytes) of the last verified block
 
 
-_TGID: dict[int, int] = {}
+_TGID: dict[int, tuple[int, float]] = {}
 
 
 def tgid(pid: int) -> int:
     """The process a (possibly multi-threaded) requester belongs to."""
-    found = _TGID.get(pid)
-    if found is not None:
-        return found
+    now = time.monotonic()
+    hit = _TGID.get(pid)
+    if hit is not None and now - hit[1] < 2.0:  # thread ids are reused: trust briefly
+        return hit[0]
     if len(_TGID) > 4096:
-        _TGID.clear()  # pids are reused: keep the memory short
-    _TGID[pid] = found = _read_tgid(pid)
+        _TGID.clear()
+    found = _read_tgid(pid)
+    _TGID[pid] = (found, now)
     return found
 
 
