@@ -882,7 +882,12 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             size = max(0, min(size, entry.size - off))
             if size == 0:
                 return b""
-            data = await self.ns.call_io(self._read_verified, h, off, size)
+            try:
+                # bytes that are already in memory need no worker thread
+                data = self._read_verified(h, off, size, nowait=True)
+                self.ns.counters["inline_reads"] += 1
+            except BlockingIOError:
+                data = await self.ns.call_io(self._read_verified, h, off, size)
             self.ns.counters["bytes_read"] += len(data)
             return data
         except Corrupt as exc:
@@ -900,7 +905,7 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             raise _fuse_error(exc) from None
 
     @staticmethod
-    def _read_verified(h: Handle, off: int, size: int):
+    def _read_verified(h: Handle, off: int, size: int, nowait: bool = False):
         """Bytes [off, off+size) of the handle's version, every block checked.
 
         Runs in a worker thread. Whole blocks are read and their CRC32C
@@ -920,7 +925,8 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         end = min(entry.size, (last + 1) * BLOCK)
         if not sums:  # metadata without block sums (written by an older kvfs)
             start, end = off, off + size
-        buf = h.reader.pread(end - start, HEADER_SIZE + start)
+        read = h.reader.pread_nowait if nowait else h.reader.pread
+        buf = read(end - start, HEADER_SIZE + start)
         if len(buf) < end - start:
             raise Corrupt(f"object truncated: {end - start - len(buf)} bytes missing at {start}")
         if sums:

@@ -56,6 +56,13 @@ class StoreReader(ABC):
     @abstractmethod
     def pread(self, size: int, offset: int) -> bytes: ...
 
+    def pread_nowait(self, size: int, offset: int) -> bytes:
+        """pread if it cannot block (cached or RAM-backed), else BlockingIOError.
+
+        Lets the daemon serve a read on its event loop without a thread hop.
+        """
+        raise BlockingIOError
+
     def readinto(self, buf, offset: int) -> int:
         data = self.pread(len(buf), offset)
         buf[: len(data)] = data
