@@ -153,6 +153,7 @@ class Daemon:
                 )
             },
             "last_corrupt": ns.last_corrupt,
+            "operations": self.ops.latencies(),
             "cache": ns.cache.statistics(),
             "etcd": {
                 "endpoints": self.health,

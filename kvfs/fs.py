@@ -15,6 +15,7 @@ import logging
 import os
 import stat
 import time
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
 import crc32c
@@ -117,17 +118,29 @@ def _fuse_error(exc: KvfsError) -> pyfuse3.FUSEError:
 def _guard(fn):
     """Turn a bug in one request into EIO and a logged traceback, not a dead mount."""
 
+    op = fn.__name__
+
     @functools.wraps(fn)
-    async def wrapper(*args, **kwargs):
+    async def wrapper(self, *args, **kwargs):
+        t0 = time.perf_counter()
         try:
-            return await fn(*args, **kwargs)
-        except (pyfuse3.FUSEError, trio.Cancelled):
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            self.op_errors[op] += 1
+            raise
+        except trio.Cancelled:
             raise
         except KvfsError as exc:
             raise pyfuse3.FUSEError(exc.errno) from None
         except Exception:
             log.exception("internal error in %s", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            dt = time.perf_counter() - t0
+            stat_ = self.op_time[op]
+            stat_[0] += 1
+            stat_[1] += dt
+            stat_[2] = max(stat_[2], dt)
 
     return wrapper
 
@@ -204,6 +217,21 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         self.started = time.time_ns()
         self.mountpoint = mountpoint
         self.proc_limiter = trio.CapacityLimiter(4)
+        # per FUSE operation: [count, total seconds, max seconds]; errors by errno
+        self.op_time = defaultdict(lambda: [0, 0.0, 0.0])
+        self.op_errors = Counter()
+
+    def latencies(self) -> dict:
+        return {
+            op: {
+                "count": n,
+                "mean_ms": round(1000 * total / n, 3),
+                "max_ms": round(1000 * peak, 3),
+                "errors": self.op_errors.get(op, 0),
+            }
+            for op, (n, total, peak) in sorted(self.op_time.items())
+            if n
+        }
 
     # -- inode table ----------------------------------------------------------------
 

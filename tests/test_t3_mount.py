@@ -287,6 +287,7 @@ def test_status_reports_counters(kvfs_mount):
     assert st["counters"]["bytes_written"] >= 4096
     assert st["counters"]["files_read"] >= 1
     assert set(st["cache"]) >= {"session", "layer", "recent"}
+    assert st["operations"]["write"]["count"] >= 1 and st["operations"]["read"]["mean_ms"] > 0
     assert st["etcd"]["endpoints"][0]["healthy"] in (True, False)
     human = sh(*__import__("kvfstest").KVFS, "status", str(kvfs_mount.path)).stdout
     assert "cache" in human and "etcd" in human
