@@ -240,6 +240,12 @@ class Daemon:
                 await trio.sleep(0.5)
                 continue
             self.watch_state = "up"
+            if not ns.index_complete:
+                # events were missed while the watch was down: read etcd again
+                try:
+                    await ns.load_index()
+                except KvfsError as exc:
+                    log.warning("could not reload the entry index: %s", exc)
             if not started:
                 started = True
                 task_status.started()
@@ -258,6 +264,7 @@ class Daemon:
                     elif ev.kind == "session" and ev.value is None:
                         ops.on_session_changed(ev.session, None)
             self.watch_state = "reconnecting"
+            ns.index_complete = False
             await trio.to_thread.run_sync(self.meta.cancel_watch, wid)
             # events may have been missed while the stream was down
             ns.cache.invalidate_all()

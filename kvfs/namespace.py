@@ -4,6 +4,7 @@ Every blocking call (etcd, store) leaves the trio loop through a named
 CapacityLimiter. Callers get Entry/SessionInfo records or KvfsError.
 """
 
+import functools
 import logging
 import time
 from collections import Counter
@@ -48,6 +49,8 @@ class Namespace:
         self.index: dict[tuple, tuple[int, int]] = {}
         self.used = 0
         self.last_corrupt: str | None = None
+        # True while `index` mirrors etcd (loaded, and the watch is up)
+        self.index_complete = False
         self._send_delete, self._recv_delete = trio.open_memory_channel(10000)
 
     # -- plumbing -----------------------------------------------------------------
@@ -61,22 +64,26 @@ class Namespace:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
 
     def delete_object_later(self, key: str) -> None:
+        self.later(functools.partial(self.store.delete, key), DELETE_GRACE, f"delete {key}")
+
+    def later(self, fn, delay: float = 0.0, what: str = "") -> None:
+        """Run blocking FN in a worker thread after DELAY seconds, in order."""
         try:
-            self._send_delete.send_nowait((time.monotonic() + DELETE_GRACE, key))
+            self._send_delete.send_nowait((time.monotonic() + delay, fn, what))
         except trio.WouldBlock:
-            log.warning("object delete queue full; %s left for the sweep", key)
+            log.warning("background queue full; %s skipped", what or fn)
 
     async def run_deleter(self, task_status=trio.TASK_STATUS_IGNORED):
         # Replaced and removed objects go after a grace period: a reader on
         # another node that resolved the name just before can still read the
         # version it resolved.
         task_status.started()
-        async for due, key in self._recv_delete:
+        async for due, fn, what in self._recv_delete:
             await trio.sleep_until(trio.current_time() + max(0.0, due - time.monotonic()))
             try:
-                await self.call_io(self.store.delete, key)
+                await self.call_io(fn)
             except KvfsError as exc:
-                log.warning("could not delete object %s: %s", key, exc)
+                log.warning("background %s failed: %s", what, exc)
 
     # -- index of sizes ---------------------------------------------------------
 
@@ -84,6 +91,7 @@ class Namespace:
         entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
         self.index = {(e.session, e.name): (e.size, e.mtime_ns) for e in entries}
         self.used = sum(s for s, _ in self.index.values())
+        self.index_complete = True
 
     def _index_set(self, session: str, name: str, entry: Entry | None) -> None:
         old = self.index.pop((session, name), None)
@@ -116,6 +124,10 @@ class Namespace:
         known, entry = self.cache.lookup_entry(session, name)
         if known:
             return entry
+        if self.index_complete and (session, name) not in self.index:
+            # the watch-fed index knows every name: a new name costs no etcd trip
+            self.counters["index_negatives"] += 1
+            return None
         epoch = self.cache.epoch
         entry = await self.call_meta(self.meta.get_entry, session, name)
         self.cache.fill_entry(session, name, entry, epoch)
@@ -264,26 +276,31 @@ class Namespace:
         """Publish a pending file as the current version of its name."""
         now = time.time_ns()
         check_xattr_room(p.xattrs)
-        digest, sums = await self.call_io(p.checksum)
-        entry = Entry(
-            session=p.session,
-            name=p.name,
-            size=p.size,
-            mtime_ns=p.mtime_ns or now,
-            ctime_ns=now,
-            object=p.key,
-            version=p.version,
-            checksum=digest,
-            blocks=encode_blocks(sums),
-            store=self.store.url,
-            mode=p.mode,
-            uid=p.uid,
-            gid=p.gid,
-            xattrs=dict(p.xattrs),
-        )
-        header = encode_header(header_meta(entry), entry.size)
-        await self.make_room(entry)
-        await self.call_io(p.finish, header)
+        await self.make_room(Entry(session=p.session, name=p.name, size=p.size))
+
+        def seal() -> Entry:
+            # one worker-thread trip: checksum, header, durable in the store
+            digest, sums = p.checksum()
+            entry = Entry(
+                session=p.session,
+                name=p.name,
+                size=p.size,
+                mtime_ns=p.mtime_ns or now,
+                ctime_ns=now,
+                object=p.key,
+                version=p.version,
+                checksum=digest,
+                blocks=encode_blocks(sums),
+                store=self.store.url,
+                mode=p.mode,
+                uid=p.uid,
+                gid=p.gid,
+                xattrs=dict(p.xattrs),
+            )
+            p.finish(encode_header(header_meta(entry), entry.size))
+            return entry
+
+        entry = await self.call_io(seal)
         try:
             prev = await self.call_meta(self.meta.commit, entry)
         except MetaUnavailable:
@@ -296,7 +313,7 @@ class Namespace:
                 await self.call_io(self.store.delete, p.key)
                 await self.call_io(p.published)
             raise
-        await self.call_io(p.published)
+        self.later(p.published)  # the intent record can go at leisure
         self.cache.put_entry(entry)
         self._index_set(entry.session, entry.name, entry)
         if prev is not None and prev.object != entry.object:
