@@ -150,6 +150,9 @@ class Daemon:
                     "expiries",
                     "evictions",
                     "corrupt",
+                    "failed_commits",
+                    "inline_reads",
+                    "index_negatives",
                 )
             },
             "last_corrupt": ns.last_corrupt,

@@ -3,9 +3,11 @@
 import errno
 import hashlib
 import os
+import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -316,3 +318,23 @@ def test_checksum_of_whole_file_matches(kvfs_mount):
     (p / "f").write_bytes(data)
     assert os.getxattr(p / "f", "user.kvfs.checksum") == checksum_of(data)
     assert hashlib.sha256((p / "f").read_bytes()).digest() == hashlib.sha256(data).digest()
+
+
+def test_ram_backed_store_inline_path(make_mount):
+    """A tmpfs store takes the inline read and write path; same behaviour."""
+    store = Path(f"/dev/shm/kvfs-test-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        m = make_mount(store=store)
+        (m.path / "s").mkdir()
+        data = os.urandom((3 << 20) + 5)
+        (m.path / "s" / "f").write_bytes(data)
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3")
+        assert (m.path / "s" / "f").read_bytes() == data
+        st = m.status()
+        assert st["counters"]["bytes_read"] >= len(data)
+        assert st["counters"]["inline_reads"] > 0
+        assert os.getxattr(m.path / "s" / "f", "user.kvfs.checksum") == checksum_of(data)
+        m.umount()
+    finally:
+        shutil.rmtree(store, ignore_errors=True)
