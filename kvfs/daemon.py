@@ -63,6 +63,7 @@ class Daemon:
         self.started = time.time()
         self.last_gc: float | None = None
         self.watch_state = "starting"
+        self.usage = None
 
     # -- setup -----------------------------------------------------------------------
 
@@ -119,11 +120,7 @@ class Daemon:
 
     def status(self) -> dict:
         ns = self.ns
-        usage = None
-        try:
-            usage = self.store.usage()
-        except KvfsError:
-            pass
+        usage = self.usage  # refreshed by run_health: statvfs may block
         return {
             "version": __version__,
             "pid": os.getpid(),
@@ -216,6 +213,10 @@ class Daemon:
         task_status.started()
         while True:
             self.health = await trio.to_thread.run_sync(self.meta.health, abandon_on_cancel=True)
+            try:
+                self.usage = await trio.to_thread.run_sync(self.store.usage)
+            except KvfsError as exc:
+                log.warning("store usage unknown: %s", exc)
             await trio.sleep(5)
 
     async def run_watch(self, task_status=trio.TASK_STATUS_IGNORED):
