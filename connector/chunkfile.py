@@ -209,11 +209,15 @@ class ChunkFile:
             pos += n
             todo = _advance(todo, n)
         if verify:
-            crc = 0
-            for d in dests:
-                crc = zlib.crc32(d, crc)
-            if f"{crc:08x}" != self.metadata.get(f"crc32.{name}"):
-                raise ChunkError(self.path, f"checksum mismatch in {name}")
+            self.check(name, dests)
+
+    def check(self, name: str, data: list[memoryview]) -> None:
+        """Fail unless `data` (the tensor's bytes, in pieces) matches its CRC-32."""
+        crc = 0
+        for d in data:
+            crc = zlib.crc32(d, crc)
+        if f"{crc:08x}" != self.metadata.get(f"crc32.{name}"):
+            raise ChunkError(self.path, f"checksum mismatch in {name}")
 
     def read_tensor(self, name: str, verify: bool = True) -> torch.Tensor:
         dtype_name, shape, _, _ = self.tensors[name]

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -183,6 +184,16 @@ def _label(path: str, space: KeySpace, start: int, end: int) -> None:
             return  # a store without user xattrs: labels are a convenience only
 
 
+@torch.inference_mode()  # thread-local: buffers made during the forward are inference tensors
+def _copy_out(kv_layer: torch.Tensor, jobs: list[tuple[list[int], torch.Tensor]]) -> None:
+    for block_ids, staged in jobs:
+        idx = torch.tensor(block_ids, device=kv_layer.device)
+        if kv_layer.device.type == "cpu":
+            torch.index_select(kv_layer, 0, idx, out=staged)
+        else:
+            staged.copy_(kv_layer.index_select(0, idx))
+
+
 class WorkerSide:
     """Per-worker state: the paged cache, the loads of this step, the writer."""
 
@@ -197,6 +208,8 @@ class WorkerSide:
         self._loader: threading.Thread | None = None
         self._layer_ready: dict[str, threading.Event] = {}
         self._staged: dict[int, dict[str, torch.Tensor]] = {}
+        self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvfs-copy")
+        self._copies: list[Future] = []
         self._stall = 0.0
         self.pool = StagingPool(settings.staging_bytes)
         self.writer = ChunkWriter(settings.mount, space, settings, self.stats, log, self.pool)
@@ -291,6 +304,7 @@ class WorkerSide:
         with self._errors_lock:
             self._errors.update(op.block_ids[op.skip_blocks :])
 
+    @torch.inference_mode()
     def _load(self, ops: list[ChunkOp]) -> None:
         t0 = time.perf_counter()
         files: dict[int, ChunkFile] = {}
@@ -306,6 +320,11 @@ class WorkerSide:
             failed_at[op.req_id] = min(op.index, failed_at.get(op.req_id, op.index))
 
         layers = list(self.kv_caches)
+        # Checksums are checked after every layer is in place, while the
+        # forward pass already runs on the loaded KV: should one fail, the
+        # blocks are reported at the end of the step and vLLM discards that
+        # request's output and recomputes, so no wrong KV reaches a result.
+        checks: list[tuple[int, str, list[memoryview]]] = []
         try:
             for i, op in enumerate(ops):
                 if doomed(op):
@@ -323,14 +342,27 @@ class WorkerSide:
                         del files[i]
                         continue
                     try:
-                        self._read_layer(f, op, layer, kv)
+                        dests = self._read_layer(f, op, layer, kv)
                     except ChunkError as e:
                         fail(op, e.reason)
                         f.close()
                         del files[i]
+                        continue
+                    if dests is not None and self.settings.verify_checksum:
+                        checks.append((i, layer, dests))
                 self._layer_ready[layer].set()
+            for i, layer, dests in sorted(checks, key=lambda c: ops[c[0]].index):
+                op = ops[i]
+                if i not in files or doomed(op) or failed_at.get(op.req_id) == op.index:
+                    continue
+                try:
+                    files[i].check(layer, dests)
+                except ChunkError as e:
+                    fail(op, e.reason)
             for i, f in files.items():
                 op = ops[i]
+                if op.index >= failed_at.get(op.req_id, op.index + 1):
+                    continue
                 n_blocks = len(op.block_ids) - op.skip_blocks
                 self.stats.add("loaded_tokens", n_blocks * self._block_tokens(layers))
                 self.stats.add("loaded_bytes", os.fstat(f.fd).st_size)
@@ -360,7 +392,9 @@ class WorkerSide:
             raise
         return f
 
-    def _read_layer(self, f: ChunkFile, op: ChunkOp, layer: str, kv: torch.Tensor) -> None:
+    def _read_layer(self, f: ChunkFile, op: ChunkOp, layer: str, kv: torch.Tensor):
+        """Read one layer of a chunk into its blocks; returns the bytes still
+        to be checked, or None if they were checked already."""
         blocks = op.block_ids
         if kv.device.type == "cpu" and all(kv[b].is_contiguous() for b in blocks[:1]):
             # Straight from the file into the paged blocks. Blocks computed
@@ -371,32 +405,49 @@ class WorkerSide:
                     dests.append(memoryview(bytearray(kv[b].numel() * kv.element_size())))
                 else:
                     dests.append(tensor_bytes(kv[b]))
-            f.read_into(layer, dests, self.settings.verify_checksum)
-        else:
-            staged = f.read_tensor(layer, self.settings.verify_checksum)
-            idx = torch.tensor(blocks[op.skip_blocks :], device=kv.device)
-            kv.index_copy_(0, idx, staged[op.skip_blocks :].to(kv.device))
+            f.read_into(layer, dests, verify=False)
+            return dests
+        staged = f.read_tensor(layer, self.settings.verify_checksum)
+        idx = torch.tensor(blocks[op.skip_blocks :], device=kv.device)
+        kv.index_copy_(0, idx, staged[op.skip_blocks :].to(kv.device))
+        return None
 
     # -- saving --------------------------------------------------------------
 
     def save_layer(self, plan: StepPlan, layer_name: str, kv_layer: torch.Tensor) -> None:
+        """Copy this layer's finished chunks out, on the copier thread: the
+        forward pass goes on with the next layer meanwhile (this layer's
+        blocks are not written again in this step)."""
         if not plan.saves:
             return
         t0 = time.perf_counter()
+        jobs = []
         for i, op in enumerate(plan.saves):
-            idx = torch.tensor(op.block_ids, device=kv_layer.device)
             staged = self.pool.get((len(op.block_ids), *kv_layer.shape[1:]), kv_layer.dtype)
-            if kv_layer.device.type == "cpu":
-                torch.index_select(kv_layer, 0, idx, out=staged)
-            else:
-                staged.copy_(kv_layer.index_select(0, idx))
             self._staged.setdefault(i, {})[layer_name] = staged
+            jobs.append((op.block_ids, staged))
+        self._copies.append(self._copier.submit(_copy_out, kv_layer, jobs))
         self._stall += time.perf_counter() - t0
 
     def submit_saves(self, plan: StepPlan) -> None:
         if not plan.saves:
             return
         t0 = time.perf_counter()
+        failed = None
+        for fut in self._copies:  # the step's blocks may be reused once we return
+            try:
+                fut.result()
+            except Exception as e:
+                failed = e
+        self._copies.clear()
+        if failed is not None:
+            self.log.warning(
+                "kvfs: copying KV out failed, this step's chunks not saved: %r", failed
+            )
+            self.stats.add("save_errors", len(plan.saves))
+            self._staged.clear()
+            self._stall = 0.0
+            return
         layers = list(self.kv_caches)
         for i, op in enumerate(plan.saves):
             tensors = self._staged.pop(i, {})
@@ -427,5 +478,6 @@ class WorkerSide:
 
     def shutdown(self) -> None:
         self.finish_load()
+        self._copier.shutdown(wait=True)
         self.writer.flush()
         self.writer.close()

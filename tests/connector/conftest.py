@@ -78,7 +78,11 @@ class VLLMRunner:
         self.last_log = p.stdout + p.stderr
         assert p.returncode == 0, self.last_log[-6000:]
         assert "Traceback" not in self.last_log, self.last_log[-6000:]
-        return json.loads(out_path.read_text())
+        report = json.loads(out_path.read_text())
+        # Saving is best effort inside vLLM, so a broken save only shows here.
+        assert not report["worker_totals"].get("save_errors"), self.last_log[-6000:]
+        assert not report["worker_totals"].get("save_dropped"), self.last_log[-6000:]
+        return report
 
 
 @pytest.fixture
