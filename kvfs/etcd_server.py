@@ -3,6 +3,7 @@
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -30,6 +31,7 @@ class PrivateEtcd:
         if exe is None:
             raise KvfsError("no etcd binary on PATH (apt-get install etcd-server), or pass --etcd")
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
+        self._stop_orphan()
         client, peer = free_port(), free_port()
         self.endpoint = f"127.0.0.1:{client}"
         cmd = [
@@ -65,6 +67,8 @@ class PrivateEtcd:
             cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
         )
         logf.close()
+        with open(self.pid_path, "w") as f:
+            f.write(str(self.proc.pid))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -82,6 +86,30 @@ class PrivateEtcd:
             time.sleep(0.05)
         self.stop()
         raise KvfsError(f"private etcd did not become healthy in {timeout}s; see {self.log_path}")
+
+    @property
+    def pid_path(self) -> str:
+        return self.data_dir.rstrip("/") + ".pid"
+
+    def _stop_orphan(self) -> None:
+        """A daemon killed outright leaves its private etcd running, holding the
+        data directory: stop it, since it is ours and nobody else can use it."""
+        try:
+            with open(self.pid_path) as f:
+                pid = int(f.read().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().split(b"\0")
+        except (OSError, ValueError):
+            return
+        if self.data_dir.encode() not in cmdline or not cmdline[0].endswith(b"etcd"):
+            return  # the pid was reused by something else
+        log.warning("stopping the private etcd (pid %d) a killed daemon left behind", pid)
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            time.sleep(0.05)
+        if os.path.exists(f"/proc/{pid}"):
+            os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
         if self.proc is None or self.proc.poll() is not None:

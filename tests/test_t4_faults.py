@@ -193,3 +193,13 @@ def test_damaged_object_is_refused(make_mount, damage):
     assert st["counters"]["corrupt"] >= 1 and st["last_corrupt"] == "s/f"
     assert "s/f" in m.log()
     assert (m.path / "s" / "ok").read_bytes() == b"fine"
+
+
+def test_killed_daemon_with_private_etcd_remounts(make_mount):
+    m = make_mount(private_etcd=True)
+    (m.path / "s").mkdir()
+    (m.path / "s" / "f").write_bytes(b"kept")
+    m.kill()  # its private etcd survives it, holding the data directory
+    m.mount()
+    assert (m.path / "s" / "f").read_bytes() == b"kept"
+    assert "a killed daemon left behind" in m.log()
