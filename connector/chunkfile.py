@@ -134,6 +134,9 @@ class ChunkFile:
             raise ChunkError(path, f"open failed: {e.strerror}") from None
         try:
             self._parse()
+        except OSError as e:  # EIO from a store that caught corruption, say
+            os.close(self.fd)
+            raise ChunkError(path, f"read failed: {e.strerror}") from None
         except BaseException:
             os.close(self.fd)
             raise
@@ -202,7 +205,10 @@ class ChunkFile:
         pos = self.data_start + begin
         todo = list(dests)
         while todo:
-            n = os.preadv(self.fd, todo, pos)
+            try:
+                n = os.preadv(self.fd, todo, pos)
+            except OSError as e:  # EIO from a store that caught corruption, say
+                raise ChunkError(self.path, f"read failed: {e.strerror}") from None
             if n <= 0:
                 raise ChunkError(self.path, "truncated data")
             got += n

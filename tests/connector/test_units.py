@@ -257,3 +257,26 @@ def test_hf_example_output_is_the_same_with_a_cached_prefix(kvfs_mount, tiny_mod
     assert r["warm_hit_tokens"] >= r["prompt_tokens"] // 2
     assert r["no_cache"] == r["cold"] == r["warm"]
     assert os.listdir(kvfs_mount.path / "hf-demo")
+
+
+def test_api_store_object_corrupted_behind_kvfs_is_a_miss(kvfs_mount):
+    """kvfs answers EIO for an object that fails its own check; that is a miss too."""
+    store = getattr(kvfs_mount, "store", None)
+    if store is None:
+        pytest.skip("this mount fixture does not expose its store")
+    eng = api_engine(kvfs_mount.path)
+    ids = list(range(100, 124))
+    eng.store_kv(ids, [torch.randn(24, 3), torch.randn(24, 3)], session="s")
+    second = sorted((kvfs_mount.path / "s").iterdir())[1]
+    name = Path(os.getxattr(second, "user.kvfs.object").decode()).name
+    (obj,) = Path(store).rglob(name)  # wherever the local store keeps its objects
+    data = bytearray(obj.read_bytes())
+    data[-1] ^= 0xFF
+    obj.write_bytes(bytes(data))
+    fd = os.open(second, os.O_RDONLY)  # forget cached pages, so the read reaches kvfs
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    os.close(fd)
+    r = eng.retrieve_kv(ids, session="s")
+    assert r.num_tokens == 8
+    assert len(r.errors) == 1
+    assert "read failed" in r.errors[0] or "checksum" in r.errors[0]
