@@ -1022,9 +1022,9 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
         if not self.mountpoint or not h.owner:
             return False
         path = os.path.join(self.mountpoint, h.node.session, h.node.name)
-        return not await trio.to_thread.run_sync(
-            holds_file, h.owner, path, limiter=self.proc_limiter
-        )
+        # procfs answers from kernel memory (readlink never enters a filesystem),
+        # so this does not block the loop
+        return not holds_file(h.owner, path)
 
     async def _await_closing_writers(self, session: str, name: str) -> None:
         """Let a just-closed writer's commit land before a reader looks.

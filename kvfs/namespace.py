@@ -249,8 +249,8 @@ class Namespace:
     async def new_pending(
         self, session: str, name: str, *, mode: int, uid: int, gid: int, xattrs: dict | None = None
     ) -> PendingFile:
-        return await self.call_io(
-            lambda: PendingFile(
+        def make():
+            return PendingFile(
                 self.store,
                 session,
                 name,
@@ -260,7 +260,10 @@ class Namespace:
                 xattrs=xattrs,
                 capacity=self.capacity,
             )
-        )
+
+        if getattr(self.store, "memory_backed", False):
+            return make()  # creating a file in RAM cannot block
+        return await self.call_io(make)
 
     async def check_commit(self, p: PendingFile) -> None:
         """Fail now, with the errno close(2) should return, if P could not commit."""
