@@ -140,6 +140,13 @@ class ChunkFile:
         except BaseException:
             os.close(self.fd)
             raise
+        try:
+            # Ask for the whole file now: through FUSE the kernel then fetches
+            # it in large read-ahead requests while we consume it layer by
+            # layer (cold loads of 75 MB through kvfs took 0.25 s instead of 0.4 s).
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
 
     def _parse(self) -> None:
         size = os.fstat(self.fd).st_size
