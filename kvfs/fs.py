@@ -486,6 +486,13 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         node = self._get(inode)
+        log.debug(
+            "setattr %d (%s) size=%s fh=%s",
+            inode,
+            node.kind,
+            attr.st_size if fields.update_size else None,
+            fh,
+        )
         try:
             if node.kind == "root":
                 raise NotPermitted("the root's attributes are fixed")
@@ -514,13 +521,18 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
 
     async def _setattr_writer(self, node, attr, fields, fh):
         h = self.handles.get(fh) if fh is not None else None
-        if h is None or not h.writable:
-            h = next((w for w in reversed(node.writers)), None)
+        if h is not None and not h.writable:
+            h = None
         if fields.update_size:
             if h is None:
-                raise KvfsError("the writer has closed the file", errno.ESTALE)
-            await self._ensure_pending(h)
-            await self.ns.call_io(h.pending.truncate, attr.st_size)
+                # truncate(2) by path, even from the writing process: its own
+                # version, committed at once (a closing writer may be gone)
+                await self._truncate_by_path(node, attr.st_size, None)
+            else:
+                await self._ensure_pending(h)
+                await self.ns.call_io(h.pending.truncate, attr.st_size)
+        if h is None:
+            h = next((w for w in reversed(node.writers) if w.pending is not None), None)
         if not (
             fields.update_mtime
             or fields.update_mode
@@ -547,16 +559,7 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
 
     async def _setattr_version(self, node, attr, fields, ctx):
         if fields.update_size:
-            # truncate(2) by path: a new version, committed at once
-            w = self._new_node("writer", node.session, node.name, node.entry)
-            h = self._new_handle(w, True, ctx)
-            w.writers.append(h)
-            try:
-                await self._ensure_pending(h)
-                await self.ns.call_io(h.pending.truncate, attr.st_size)
-                await self._commit(h)
-            finally:
-                await self._close_handle(h)
+            await self._truncate_by_path(node, attr.st_size, ctx)
         if not (
             fields.update_mtime
             or fields.update_mode
@@ -567,6 +570,18 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
             return
 
         await self._update_meta(node.session, node.name, attr, fields)
+
+    async def _truncate_by_path(self, node: Node, size: int, ctx) -> None:
+        """truncate(2) without a descriptor: a new version, committed at once."""
+        w = self._new_node("writer", node.session, node.name, node.entry)
+        h = self._new_handle(w, True, ctx)
+        w.writers.append(h)
+        try:
+            await self._ensure_pending(h)
+            await self.ns.call_io(h.pending.truncate, size)
+            await self._commit(h)
+        finally:
+            await self._close_handle(h)
 
     async def _update_meta(self, session, name, attr, fields) -> Entry:
         def mutate(e: Entry):
@@ -985,9 +1000,26 @@ class Operations(pyfuse3.Operations, metaclass=_Guarded):
     async def _commit(self, h: Handle) -> None:
         p = h.pending
         entry = await self.ns.commit(p)
+        log.debug(
+            "committed %s/%s version %s size %d",
+            entry.session,
+            entry.name,
+            entry.version[:8],
+            entry.size,
+        )
         h.pending = None
-        # the name moves to the new version's inode
-        self._forget_name(p.session, p.name, keep=entry.version)
+        # the name moves to the new version's inode; wait for the kernel to
+        # forget the old binding, so the writer's next open finds the new one
+        # (none of close, release or setattr holds the directory's lock)
+        sino = self.sessions.get(p.session)
+        if sino is not None and any(
+            s == p.session and n == p.name and v != entry.version for s, n, v in self.versions
+        ):
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, sino, p.name.encode())
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+                    log.debug("invalidate %s/%s: %s", p.session, p.name, exc)
 
     async def flush(self, fh):
         # Every close(2) of every descriptor lands here, also a forked child
