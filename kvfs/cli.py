@@ -243,16 +243,7 @@ def cmd_recover(args) -> int:
     if not endpoints:
         raise KvfsError("recover needs a mountpoint or --etcd")
     store = open_store(store_spec, node="recover")
-    meta = EtcdMeta(
-        endpoints,
-        prefix=prefix or cfg.etcd_prefix,
-        timeout=cfg.etcd_timeout,
-        ca_cert=cfg.etcd_ca_cert,
-        cert_key=cfg.etcd_key,
-        cert_cert=cfg.etcd_cert,
-        user=cfg.etcd_user,
-        password=cfg.etcd_password,
-    )
+    meta = EtcdMeta.from_config(cfg, endpoints, prefix)
     try:
         result = recover(store, meta, Progress("recover", 0), delete_stale=args.delete_stale)
     finally:

@@ -76,16 +76,7 @@ class Daemon:
             self.etcd = PrivateEtcd(os.path.join(root, "etcd"))
             endpoints = [self.etcd.start()]
         try:
-            self.meta = EtcdMeta(
-                endpoints,
-                prefix=cfg.etcd_prefix,
-                timeout=cfg.etcd_timeout,
-                ca_cert=cfg.etcd_ca_cert,
-                cert_key=cfg.etcd_key,
-                cert_cert=cfg.etcd_cert,
-                user=cfg.etcd_user,
-                password=cfg.etcd_password,
-            )
+            self.meta = EtcdMeta.from_config(cfg, endpoints)
             self.start_revision = self.meta.revision() + 1
         except MetaUnavailable as exc:
             self.close_backends()

@@ -162,6 +162,20 @@ class EtcdMeta:
             self.client.call_credentials = None
         self._last_endpoint = self.client._current_endpoint_label
 
+    @classmethod
+    def from_config(cls, cfg, endpoints, prefix: str | None = None) -> "EtcdMeta":
+        """Connect with the TLS and auth settings of a kvfs Config."""
+        return cls(
+            endpoints,
+            prefix=prefix or cfg.etcd_prefix,
+            timeout=cfg.etcd_timeout,
+            ca_cert=cfg.etcd_ca_cert,
+            cert_key=cfg.etcd_key,
+            cert_cert=cfg.etcd_cert,
+            user=cfg.etcd_user,
+            password=cfg.etcd_password,
+        )
+
     # -- plumbing --------------------------------------------------------------
 
     def _call(self, fn, *args, **kwargs):
