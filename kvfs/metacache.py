@@ -12,7 +12,7 @@ fetch that raced with any watch event is returned but not cached.
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-from .meta import Entry, SessionInfo, WatchEvent
+from .records import Entry, SessionInfo, WatchEvent
 
 _ABSENT = object()
 

@@ -5,7 +5,7 @@ import sys
 import time
 
 from .errors import Corrupt, Exists, KvfsError
-from .meta import Entry, EtcdMeta, SessionInfo
+from .meta import EtcdMeta
 from .objects import (
     HEADER_SIZE,
     block_checksum,
@@ -14,6 +14,7 @@ from .objects import (
     encode_blocks,
     sums_of,
 )
+from .records import Entry, SessionInfo
 from .store import Store
 
 log = logging.getLogger(__name__)

@@ -9,7 +9,6 @@ from safetensors.numpy import load
 
 from kvfs.config import Config, load_config
 from kvfs.errors import InvalidName, KvfsError
-from kvfs.meta import Entry, SessionInfo, WatchEvent
 from kvfs.metacache import MetaCache
 from kvfs.names import check_name
 from kvfs.objects import (
@@ -21,6 +20,7 @@ from kvfs.objects import (
     encode_header,
     sums_of,
 )
+from kvfs.records import Entry, SessionInfo, WatchEvent
 
 
 @pytest.mark.parametrize("bad", [b"", b".", b"..", b"a/b", b"a\0b", b"\xff"])

@@ -7,7 +7,8 @@ import uuid
 import pytest
 
 from kvfs.errors import Conflict, Exists, MetaUnavailable, NotEmpty, NotFound
-from kvfs.meta import Entry, EtcdMeta, SessionInfo
+from kvfs.meta import EtcdMeta
+from kvfs.records import Entry, SessionInfo
 
 
 @pytest.fixture

@@ -1,0 +1,74 @@
+"""The records kvfs keeps in etcd: a session, an entry (one version of a file), a change."""
+
+import json
+from dataclasses import asdict, dataclass, field
+
+from .objects import decode_xattrs, encode_xattrs
+
+
+@dataclass
+class Entry:
+    session: str
+    name: str
+    size: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    object: str = ""
+    version: str = ""
+    checksum: str = ""
+    blocks: str = ""  # base64 of the per-block CRC32Cs (objects.BLOCK bytes each)
+    store: str = ""
+    mode: int = 0o100644
+    uid: int = 0
+    gid: int = 0
+    xattrs: dict = field(default_factory=dict)  # name -> bytes
+    rev: int = 0  # etcd mod_revision; not stored
+
+    def to_json(self) -> bytes:
+        d = asdict(self)
+        del d["session"], d["name"], d["rev"]
+        d["xattrs"] = encode_xattrs(self.xattrs)
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, session: str, name: str, raw: bytes, rev: int = 0) -> "Entry":
+        d = json.loads(raw)
+        d["xattrs"] = decode_xattrs(d.get("xattrs", {}))
+        return cls(session=session, name=name, rev=rev, **d)
+
+
+@dataclass
+class SessionInfo:
+    name: str
+    ctime_ns: int = 0
+    mode: int = 0o040755
+    uid: int = 0
+    gid: int = 0
+    xattrs: dict = field(default_factory=dict)
+    mtime_ns: int = 0  # from t/SESSION
+    rev: int = 0
+
+    def to_json(self) -> bytes:
+        d = {
+            "ctime_ns": self.ctime_ns,
+            "mode": self.mode,
+            "uid": self.uid,
+            "gid": self.gid,
+            "xattrs": encode_xattrs(self.xattrs),
+        }
+        return json.dumps(d, separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, name: str, raw: bytes, rev: int = 0) -> "SessionInfo":
+        d = json.loads(raw)
+        d["xattrs"] = decode_xattrs(d.get("xattrs", {}))
+        return cls(name=name, rev=rev, **d)
+
+
+@dataclass
+class WatchEvent:
+    kind: str  # "entry" | "session"
+    session: str
+    name: str | None  # entry name for kind == "entry"
+    value: bytes | None  # None for a delete
+    revision: int
