@@ -23,7 +23,7 @@ from . import __version__
 from .config import Config
 from .errors import Conflict, KvfsError, MetaUnavailable
 from .etcd_server import PrivateEtcd
-from .fs import ROOT, Operations
+from .fs import ROOT, Kernel, Operations
 from .meta import EtcdMeta
 from .metacache import MetaCache
 from .namespace import Namespace
@@ -144,7 +144,7 @@ class Daemon:
                 )
             },
             "last_corrupt": ns.last_corrupt,
-            "operations": self.ops.latencies(),
+            "operations": self.ops.statistics(),
             "cache": ns.cache.statistics(),
             "etcd": {
                 "endpoints": self.health,
@@ -263,8 +263,6 @@ class Daemon:
             await trio.to_thread.run_sync(self.meta.cancel_watch, wid)
             # events may have been missed while the stream was down
             ns.cache.invalidate_all()
-            for node in ops.nodes.values():
-                node.cache_version = None
             await trio.sleep(0.2)
 
     async def run_signals(self, task_status=trio.TASK_STATUS_IGNORED):
@@ -307,8 +305,10 @@ class Daemon:
             self.meta, self.store, cache, capacity=cfg.capacity, ttl=cfg.ttl, node=self.node
         )
         await ns.load_index()
+        kernel = Kernel()
         self.ops = ops = Operations(
             ns,
+            kernel=kernel,
             touch_on_read=cfg.touch_on_read,
             touch_interval=cfg.touch_every(),
             status_fn=lambda: json.dumps(self.status(), separators=(",", ":")),
@@ -322,9 +322,9 @@ class Daemon:
         pyfuse3.init(ops, self.mountpoint, opts)
         try:
             async with trio.open_nursery() as nursery:
-                ops.nursery = nursery
-                await nursery.start(ns.run_deleter)
-                await nursery.start(ops.run_invalidator)
+                await nursery.start(ns.run_later)
+                await nursery.start(kernel.run)
+                await nursery.start(ops.toucher.run)
                 await nursery.start(self.run_watch)
                 await nursery.start(self.run_collector)
                 await nursery.start(self.run_health)

@@ -2,6 +2,15 @@
 
 Every blocking call (etcd, store) leaves the trio loop through a named
 CapacityLimiter. Callers get Entry/SessionInfo records or KvfsError.
+
+The commit of a written file (`commit`), in this order:
+  1. checksum the staged bytes (kept up to date while writes arrive in order),
+  2. write the self-describing header, make the object durable and visible
+     in the store under a fresh key (a new object per version),
+  3. publish the entry in etcd in one transaction,
+  4. delete the object of the version it replaced, after a grace period.
+A crash before 3 leaves only an unreferenced object (settled at the next
+start); after 3 the new version is whole. Readers only see objects etcd names.
 """
 
 import functools
@@ -12,17 +21,27 @@ from collections.abc import Callable
 
 import trio
 
-from .commit import PendingFile
-from .errors import Conflict, Exists, KvfsError, MetaUnavailable, NoSpace, NotEmpty, NotFound
-from .meta import Entry, EtcdMeta, SessionInfo, WatchEvent
+from .errors import (
+    Conflict,
+    Corrupt,
+    Exists,
+    KvfsError,
+    MetaUnavailable,
+    NoSpace,
+    NotEmpty,
+    NotFound,
+)
+from .meta import EtcdMeta
 from .metacache import MetaCache
-from .objects import HEADER_SIZE, encode_blocks, encode_header, encode_xattrs
+from .objects import HEADER_SIZE, decode_blocks, encode_blocks, encode_header, encode_xattrs
+from .pending import PendingFile
+from .records import Entry, SessionInfo, WatchEvent
 from .store import Store
 
 log = logging.getLogger(__name__)
 
-XATTR_TOTAL_MAX = 2048
-DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable  # bytes of names + values per file, like one ext4 block
+XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
+DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable
 
 
 class Namespace:
@@ -51,7 +70,8 @@ class Namespace:
         self.last_corrupt: str | None = None
         # True while `index` mirrors etcd (loaded, and the watch is up)
         self.index_complete = False
-        self._send_delete, self._recv_delete = trio.open_memory_channel(10000)
+        self._send_later, self._recv_later = trio.open_memory_channel(10000)
+        self.memory_backed = bool(getattr(store, "memory_backed", False))
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -69,21 +89,78 @@ class Namespace:
     def later(self, fn, delay: float = 0.0, what: str = "") -> None:
         """Run blocking FN in a worker thread after DELAY seconds, in order."""
         try:
-            self._send_delete.send_nowait((time.monotonic() + delay, fn, what))
+            self._send_later.send_nowait((time.monotonic() + delay, fn, what))
         except trio.WouldBlock:
             log.warning("background queue full; %s skipped", what or fn)
 
-    async def run_deleter(self, task_status=trio.TASK_STATUS_IGNORED):
-        # Replaced and removed objects go after a grace period: a reader on
-        # another node that resolved the name just before can still read the
-        # version it resolved.
+    async def run_later(self, task_status=trio.TASK_STATUS_IGNORED):
+        """Run the jobs `later` queued, each at its time, in order.
+
+        Replaced and removed objects go after a grace period this way: a
+        reader on another node that resolved the name just before can still
+        read the version it resolved.
+        """
         task_status.started()
-        async for due, fn, what in self._recv_delete:
+        async for due, fn, what in self._recv_later:
             await trio.sleep_until(trio.current_time() + max(0.0, due - time.monotonic()))
             try:
                 await self.call_io(fn)
             except KvfsError as exc:
                 log.warning("background %s failed: %s", what, exc)
+
+    # -- for the filesystem: the store and the counters ---------------------------
+
+    @property
+    def store_url(self) -> str:
+        return self.store.url
+
+    def count(self, counter: str, n: int = 1) -> None:
+        self.counters[counter] += n
+
+    def note_corrupt(self, entry: Entry, exc: Exception) -> None:
+        self.counters["corrupt"] += 1
+        self.last_corrupt = f"{entry.session}/{entry.name}"
+        log.error(
+            "%s/%s (object %s): %s; read refused", entry.session, entry.name, entry.object, exc
+        )
+
+    async def open_reader(self, key: str):
+        return await self.call_io(self.store.reader, key)
+
+    async def copy_version(self, p: PendingFile, base: Entry) -> None:
+        """Fill P with BASE's bytes, every block checked (a copy never launders corruption)."""
+        sums = decode_blocks(base.blocks) if base.blocks else None
+
+        def copy():
+            reader = self.store.reader(base.object)
+            try:
+                p.copy_from(reader, base.size, sums)
+            finally:
+                reader.close()
+
+        try:
+            await self.call_io(copy)
+        except Corrupt as exc:
+            self.note_corrupt(base, exc)
+            raise
+
+    async def space(self) -> tuple[int, int, int]:
+        """(total bytes, free bytes, files) as statfs should show them."""
+        usage = None
+        try:
+            usage = await self.call_io(self.store.usage)
+        except KvfsError:
+            pass
+        if self.capacity is not None:
+            total = self.capacity
+            free = max(0, total - self.used)
+            if usage is not None:
+                free = min(free, usage.free)
+        elif usage is not None:
+            total, free = usage.total, usage.free
+        else:
+            total = free = 1 << 40
+        return total, free, len(self.index)
 
     # -- index of sizes ---------------------------------------------------------
 
@@ -119,6 +196,10 @@ class Namespace:
         info = await self.call_meta(self.meta.get_session, name)
         self.cache.fill_session(name, info, epoch)
         return info
+
+    async def get_entry_uncached(self, session: str, name: str) -> Entry | None:
+        """What etcd says now, past the cache."""
+        return await self.call_meta(self.meta.get_entry, session, name)
 
     async def get_entry(self, session: str, name: str) -> Entry | None:
         known, entry = self.cache.lookup_entry(session, name)
@@ -300,7 +381,7 @@ class Namespace:
                 gid=p.gid,
                 xattrs=dict(p.xattrs),
             )
-            p.finish(encode_header(header_meta(entry), entry.size))
+            p.commit_object(encode_header(header_meta(entry), entry.size))
             return entry
 
         entry = await self.call_io(seal)
@@ -314,9 +395,9 @@ class Namespace:
             # the object is durable but unpublished: drop it, the old version stands
             with trio.CancelScope(shield=True):
                 await self.call_io(self.store.delete, p.key)
-                await self.call_io(p.published)
+                await self.call_io(p.forget_intent)
             raise
-        self.later(p.published)  # the intent record can go at leisure
+        self.later(p.forget_intent)  # the intent record can go at leisure
         self.cache.put_entry(entry)
         self._index_set(entry.session, entry.name, entry)
         if prev is not None and prev.object != entry.object:

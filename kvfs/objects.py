@@ -95,6 +95,16 @@ def decode_blocks(text: str) -> list[int]:
     return list(struct.unpack(f"<{len(raw) // 4}I", raw))
 
 
+def check_blocks(buf, offset: int, sums: list[int]) -> None:
+    """Raise Corrupt unless BUF (starting at block-aligned OFFSET) matches SUMS."""
+    mv = memoryview(buf)
+    first = offset // BLOCK
+    for i in range(first, first + (len(mv) + BLOCK - 1) // BLOCK):
+        lo = (i - first) * BLOCK
+        if i >= len(sums) or crc32c.crc32c(mv[lo : lo + BLOCK]) != sums[i]:
+            raise Corrupt(f"checksum mismatch in block {i} (bytes {i * BLOCK}...)")
+
+
 class BlockSums:
     """CRC32C of every BLOCK-sized block, kept while bytes arrive in order.
 

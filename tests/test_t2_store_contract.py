@@ -56,7 +56,7 @@ def test_staged_writer_invisible_until_commit(store):
     assert w.size() == 11 and w.pread(5, 0) == b"hello"
     assert not store.exists("cc/new.kv")
     w.commit()
-    w.finish()
+    w.forget_intent()
     assert store.get("cc/new.kv") == b"hello" + bytes(5) + b"!"
 
 
@@ -95,7 +95,7 @@ def test_local_interrupted_commits_are_settled(tmp_path):
     s = LocalStore(str(tmp_path / "st"), node="n1")
     done = s.writer("aa/live.kv")
     done.pwrite(b"committed, etcd has it", 0)
-    done.commit()  # crash before finish(): the intent record remains
+    done.commit()  # crash before forget_intent(): the intent record remains
     lost = s.writer("aa/lost.kv")
     lost.pwrite(b"published, etcd never heard", 0)
     lost.commit()

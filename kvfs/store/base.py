@@ -42,7 +42,7 @@ class StoreWriter(ABC):
     def commit(self) -> None:
         """Make the object durable and visible under its key."""
 
-    def finish(self) -> None:  # noqa: B027 - a store without intent records has nothing to do
+    def forget_intent(self) -> None:  # noqa: B027 - a store without intent records has nothing to do
         """The commit is final (etcd has it): forget the intent record; never raises."""
 
     @abstractmethod

@@ -36,7 +36,7 @@ def _fs_type(path: str) -> str:
 
 class LocalWriter(StoreWriter):
     """Staged in DIR/staging/NODE/<key with / as %>; that name doubles as the
-    intent record of a commit in flight until `finish` removes it."""
+    intent record of a commit in flight until `forget_intent` removes it."""
 
     def __init__(self, store: "LocalStore", key: str):
         self._store = store
@@ -87,7 +87,7 @@ class LocalWriter(StoreWriter):
             self.abort()
             raise _oserror(exc, f"commit {self._key}") from exc
 
-    def finish(self) -> None:
+    def forget_intent(self) -> None:
         try:
             os.unlink(self._tmp)
         except OSError:
@@ -188,7 +188,7 @@ class LocalStore(Store):
             w.abort()
             raise
         w.commit()
-        w.finish()
+        w.forget_intent()
 
     def get(self, key: str, offset: int = 0, size: int = -1) -> bytes:
         try:

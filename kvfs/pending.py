@@ -1,18 +1,10 @@
-"""Staged writes and the commit protocol.
+"""A version being written: a staged store object whose data starts at HEADER_SIZE.
 
-A file being written is a PendingFile: a staged store object whose data
-starts at HEADER_SIZE. On the last close the commit runs, in this order:
-  1. checksum the bytes (kept up to date while writes arrive in order),
-  2. write the self-describing header, make the object durable and visible
-     in the store under a fresh key (a new object per version),
-  3. publish the entry in etcd in one transaction,
-  4. delete the object of the version it replaced.
-A crash before 3 leaves only an unreferenced object (swept later); after 3
-the new version is whole. Readers only ever see objects named by etcd.
+The commit that publishes it is `Namespace.commit`.
 """
 
-from .errors import NoSpace
-from .objects import HEADER_SIZE, BlockSums, block_checksum, new_object_key, sums_of
+from .errors import Corrupt, NoSpace
+from .objects import HEADER_SIZE, BlockSums, block_checksum, check_blocks, new_object_key, sums_of
 from .store import Store
 
 COPY_CHUNK = 8 << 20
@@ -55,14 +47,21 @@ class PendingFile:
         if self.capacity is not None and end > self.capacity:
             raise NoSpace(f"{self.session}/{self.name}: {end} bytes exceed the store capacity")
 
-    def copy_from(self, reader, size: int) -> None:
-        """Start from an existing version's bytes (copy-on-write of a committed file)."""
+    def copy_from(self, reader, size: int, sums: list[int] | None = None) -> None:
+        """Start from an existing version's bytes (copy-on-write of a committed file).
+
+        With SUMS (the version's per-block CRC32Cs) every block is checked as
+        it is copied: a new version must never turn corrupt bytes into valid
+        ones by checksumming them afresh.
+        """
         self._check_room(size)
         off = 0
         while off < size:
             chunk = reader.pread(min(COPY_CHUNK, size - off), HEADER_SIZE + off)
-            if not chunk:
-                break
+            if len(chunk) < min(COPY_CHUNK, size - off):
+                raise Corrupt(f"object truncated: {size - off - len(chunk)} bytes missing")
+            if sums:
+                check_blocks(chunk, off, sums)
             self.writer.pwrite(chunk, HEADER_SIZE + off)
             self.crc.update(chunk, off)
             off += len(chunk)
@@ -102,17 +101,17 @@ class PendingFile:
             sums = sums_of(lambda n, off: self.writer.pread(n, HEADER_SIZE + off), self.size)
         return block_checksum(sums), sums
 
-    def finish(self, header: bytes) -> None:
-        """Write the header and make the object durable and visible."""
+    def commit_object(self, header: bytes) -> None:
+        """Write the header and make the object durable and visible in the store."""
         if self.writer.size() < HEADER_SIZE + self.size:
             self.writer.truncate(HEADER_SIZE + self.size)
         self.writer.pwrite(header, 0)
         self.writer.commit()
         self.closed = True
 
-    def published(self) -> None:
-        """etcd has the entry: the store may drop its intent record."""
-        self.writer.finish()
+    def forget_intent(self) -> None:
+        """etcd has the entry (or never will): the store may drop its intent record."""
+        self.writer.forget_intent()
 
     def abort(self) -> None:
         if not self.closed:

@@ -1,0 +1,204 @@
+"""The inode table: which kernel inode is which session, version or writer.
+
+Every committed version of a file is its own inode (`VersionNode`), so its
+size and pages never change under a reader. A process writing a name gets a
+private `WriterNode`, found through its claim (session, name, process).
+Lookup counts are kept here and only here: the kernel's lookups raise them,
+`forget` lowers them, and a node with neither lookups nor open handles goes.
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+
+from ..errors import NotFound
+from ..records import Entry
+
+ROOT = pyfuse3.ROOT_INODE
+CLAIM_TTL = 10.0  # seconds a writer inode waits for the open it was made for
+
+
+@dataclass(eq=False, kw_only=True)
+class Node:
+    ino: int
+    lookups: int = 0
+    handles: int = 0
+
+
+@dataclass(eq=False, kw_only=True)
+class RootNode(Node):
+    pass
+
+
+@dataclass(eq=False, kw_only=True)
+class SessionNode(Node):
+    session: str
+
+
+@dataclass(eq=False, kw_only=True)
+class FileNode(Node):
+    session: str
+    name: str
+
+
+@dataclass(eq=False, kw_only=True)
+class VersionNode(FileNode):
+    entry: Entry  # this version's metadata, kept current
+
+
+@dataclass(eq=False, kw_only=True)
+class WriterNode(FileNode):
+    entry: Entry | None = None  # the version it replaces, if any
+    owner: int = 0  # the process (tgid) it belongs to
+    pinned: float = 0.0  # claimed at (monotonic) and not yet used by an open
+    writers: list = field(default_factory=list)  # handles that write
+
+    def awaiting_open(self) -> bool:
+        return bool(self.pinned) and time.monotonic() - self.pinned < CLAIM_TTL
+
+
+class InodeTable:
+    def __init__(self):
+        self.nodes: dict[int, Node] = {ROOT: RootNode(ino=ROOT, lookups=1)}
+        self._sessions: dict[str, int] = {}
+        self._versions: dict[tuple[str, str, str], int] = {}
+        # (session, name) -> {owner: writer ino}: a writer's lookup and the
+        # "is anyone writing this name" checks are dict hits, not scans
+        self._claims: dict[tuple[str, str], dict[int, int]] = {}
+        self._next_ino = ROOT + 1
+
+    def get(self, ino: int) -> Node:
+        try:
+            return self.nodes[ino]
+        except KeyError:
+            raise NotFound(f"inode {ino} is not known (forgotten)") from None
+
+    def _add(self, cls, **kw) -> Node:
+        node = cls(ino=self._next_ino, **kw)
+        self._next_ino += 1
+        self.nodes[node.ino] = node
+        return node
+
+    # -- the kernel's references --------------------------------------------------
+
+    def looked_up(self, node: Node, n: int = 1) -> None:
+        """The kernel now holds N more references to NODE (lookup, readdirplus, create)."""
+        node.lookups += n
+
+    def forget(self, ino: int, n: int) -> None:
+        """The kernel dropped N references; never raises (the kernel cannot be told)."""
+        node = self.nodes.get(ino)
+        if node is None or ino == ROOT:
+            return
+        node.lookups = max(0, node.lookups - n)
+        self.maybe_free(node)
+
+    def opened(self, node: Node) -> None:
+        node.handles += 1
+
+    def closed(self, node: Node) -> None:
+        node.handles -= 1
+        if isinstance(node, WriterNode) and not node.writers and not node.awaiting_open():
+            # the writer is done: its process finds the committed version again
+            self.drop_claim(node)
+        self.maybe_free(node)
+
+    def maybe_free(self, node: Node) -> None:
+        if node.ino == ROOT or node.lookups > 0 or node.handles > 0:
+            return
+        if isinstance(node, WriterNode) and node.awaiting_open():
+            # the kernel forgets the inode its ESTALE revalidation saw; the
+            # open that follows still needs the claim
+            return
+        self.nodes.pop(node.ino, None)
+        if isinstance(node, SessionNode):
+            if self._sessions.get(node.session) == node.ino:
+                del self._sessions[node.session]
+        elif isinstance(node, VersionNode):
+            key = (node.session, node.name, node.entry.version)
+            if self._versions.get(key) == node.ino:
+                del self._versions[key]
+        elif isinstance(node, WriterNode):
+            self.drop_claim(node)
+
+    # -- sessions and versions ------------------------------------------------------
+
+    def session(self, session: str) -> SessionNode:
+        ino = self._sessions.get(session)
+        if ino is None:
+            node = self._add(SessionNode, session=session)
+            self._sessions[session] = node.ino
+            return node
+        return self.nodes[ino]
+
+    def session_ino(self, session: str) -> int | None:
+        return self._sessions.get(session)
+
+    def version(self, entry: Entry) -> VersionNode:
+        key = (entry.session, entry.name, entry.version)
+        ino = self._versions.get(key)
+        if ino is None:
+            node = self._add(VersionNode, session=entry.session, name=entry.name, entry=entry)
+            self._versions[key] = node.ino
+            return node
+        node = self.nodes[ino]
+        node.entry = entry  # the same version, maybe newer times or attributes
+        return node
+
+    def version_ino(self, session: str, name: str, version: str) -> int | None:
+        return self._versions.get((session, name, version))
+
+    def other_version_bound(self, session: str, name: str, keep: str | None) -> bool:
+        """May the kernel hold SESSION/NAME bound to a version other than KEEP?"""
+        return any(s == session and n == name and v != keep for s, n, v in self._versions)
+
+    def moved(self, session: str, name: str, entry: Entry) -> None:
+        """A rename moved version ENTRY.version from SESSION/NAME to ENTRY's name."""
+        ino = self._versions.pop((session, name, entry.version), None)
+        if ino is not None and ino in self.nodes:
+            node = self.nodes[ino]
+            node.session, node.name, node.entry = entry.session, entry.name, entry
+            self._versions[(entry.session, entry.name, entry.version)] = ino
+
+    # -- writers and their claims ------------------------------------------------------
+
+    def claim(self, session: str, name: str, owner: int, base: Entry | None) -> WriterNode:
+        """The writer inode for OWNER's writes to SESSION/NAME (made if needed)."""
+        owners = self._claims.setdefault((session, name), {})
+        ino = owners.get(owner)
+        if ino is not None and ino in self.nodes:
+            node = self.nodes[ino]
+            if node.writers or node.awaiting_open():
+                node.pinned = time.monotonic()  # another open is on its way
+                return node
+        node = self.new_writer(session, name, base, owner=owner)
+        node.pinned = time.monotonic()
+        owners[owner] = node.ino
+        return node
+
+    def new_writer(self, session: str, name: str, base: Entry | None, owner: int = 0):
+        """A writer inode nobody can look up (truncate by path uses one)."""
+        return self._add(WriterNode, session=session, name=name, entry=base, owner=owner)
+
+    def claim_of(self, session: str, name: str, owner: int) -> WriterNode | None:
+        owners = self._claims.get((session, name))
+        if not owners:
+            return None
+        ino = owners.get(owner)
+        return self.nodes.get(ino) if ino is not None else None
+
+    def drop_claim(self, node: WriterNode) -> None:
+        key = (node.session, node.name)
+        owners = self._claims.get(key)
+        if owners and owners.get(node.owner) == node.ino:
+            del owners[node.owner]
+            if not owners:
+                del self._claims[key]
+
+    def writers_of(self, session: str, name: str) -> list[WriterNode]:
+        owners = self._claims.get((session, name), {})
+        return [self.nodes[i] for i in owners.values() if i in self.nodes]
+
+    def claimed_names(self, session: str) -> list[str]:
+        return [n for s, n in self._claims if s == session]

@@ -1,0 +1,519 @@
+"""The FUSE operations: translate kernel requests into calls on the rooms below.
+
+Inodes (`inodes`), handles (`handles`), attributes (`attrs`), the read path
+(`reads`), the write path (`writes`), xattrs (`xattrs`) and the kernel's
+notifications (`kernel`) each have a module; errors cross into FUSE only in
+`boundary.fuse_operation`, which wraps every handler here.
+"""
+
+import errno
+import logging
+import os
+import stat
+import time
+
+import pyfuse3
+
+from ..errors import KvfsError, NotFound, NotPermitted
+from ..names import check_name
+from ..namespace import Namespace
+from ..records import Entry, SessionInfo
+from . import attrs
+from .boundary import OpStats, fuse_operation
+from .handles import HandleTable
+from .inodes import ROOT, InodeTable, RootNode, SessionNode, VersionNode, WriterNode
+from .kernel import Kernel
+from .procfs import tgid
+from .reads import Reads, Toucher
+from .writes import Writes
+from .xattrs import CONTROL, Xattrs, check_xattr_name
+
+log = logging.getLogger(__name__)
+
+
+def _times_or_owner(fields) -> bool:
+    return bool(
+        fields.update_mtime
+        or fields.update_mode
+        or fields.update_uid
+        or fields.update_gid
+        or fields.update_atime
+    )
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(
+        self,
+        ns: Namespace,
+        *,
+        kernel: Kernel | None = None,
+        touch_on_read: bool = True,
+        touch_interval: float = 60.0,
+        status_fn=None,
+        control_fn=None,
+        mountpoint: str = "",
+    ):
+        super().__init__()
+        self.ns = ns
+        self.kernel = kernel or Kernel()
+        self.control_fn = control_fn
+        self.uid, self.gid = os.getuid(), os.getgid()
+        self.started = time.time_ns()
+        self.inodes = InodeTable()
+        self.handles = HandleTable()
+        self.op_stats = OpStats()
+        self.reads = Reads(ns)
+        self.toucher = Toucher(ns, touch_interval, enabled=touch_on_read)
+        self.writes = Writes(
+            ns,
+            self.inodes,
+            self.handles,
+            self.kernel,
+            mountpoint=mountpoint,
+            uid=self.uid,
+            gid=self.gid,
+        )
+        self.xattrs = Xattrs(ns, self.writes, status_fn)
+
+    def statistics(self) -> dict:
+        return self.op_stats.statistics()
+
+    # -- coherence with etcd (called by the watch) -----------------------------------
+
+    def _forget_name(self, session: str, name: str, keep: str | None = None) -> None:
+        """Make the kernel look SESSION/NAME up again at its next use.
+
+        Only needed while it may hold the name bound to another version's
+        inode (writer inodes are never cached); dropping a name needlessly
+        can evict an inode and its pages.
+        """
+        sino = self.inodes.session_ino(session)
+        if sino is not None and self.inodes.other_version_bound(session, name, keep):
+            self.kernel.invalidate_entry(sino, name)
+
+    def on_entry_changed(self, session: str, name: str, entry: Entry | None) -> None:
+        """A watch event (or a local commit) changed SESSION/NAME."""
+        if entry is not None:
+            ino = self.inodes.version_ino(session, name, entry.version)
+            if ino is not None:
+                # the same version with new times or attributes
+                self.inodes.nodes[ino].entry = entry
+                self.kernel.invalidate_inode(ino)
+                return
+        # a new version, or gone: the name must resolve afresh
+        self._forget_name(session, name, keep=entry.version if entry else None)
+
+    def on_session_changed(self, session: str, info: SessionInfo | None) -> None:
+        if info is None:
+            self.kernel.invalidate_entry(ROOT, session)
+
+    # -- attributes -------------------------------------------------------------------
+
+    async def _attr(self, node) -> pyfuse3.EntryAttributes:
+        if isinstance(node, RootNode):
+            return attrs.root_attr(self.uid, self.gid, self.started)
+        if isinstance(node, SessionNode):
+            info = await self.ns.get_session(node.session)
+            if info is None:
+                raise NotFound(node.session)
+            return attrs.session_attr(node, info)
+        if isinstance(node, WriterNode):
+            return attrs.writer_attr(node, self.uid, self.gid)
+        current = await self.ns.get_entry(node.session, node.name)
+        if current is not None and current.version == node.entry.version:
+            node.entry = current
+        return attrs.file_attr(node, node.entry)
+
+    def _session_of(self, parent_inode) -> SessionNode:
+        """The session directory PARENT_INODE names, for an operation on a file in it."""
+        parent = self.inodes.get(parent_inode)
+        if isinstance(parent, RootNode):
+            raise NotPermitted("the root holds session directories only")
+        if not isinstance(parent, SessionNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return parent
+
+    # -- lookups ----------------------------------------------------------------------
+
+    @fuse_operation
+    async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            if parent_inode == ROOT:
+                session = check_name(name)
+                info = await self.ns.get_session(session)
+                if info is None:
+                    raise NotFound(session)
+                node = self.inodes.session(session)
+                attr = attrs.session_attr(node, info)
+            else:
+                parent = self.inodes.get(parent_inode)
+                if not isinstance(parent, SessionNode):
+                    raise pyfuse3.FUSEError(errno.ENOTDIR)
+                fname = check_name(name)
+                claim = None
+                if ctx is not None:
+                    claim = self.inodes.claim_of(parent.session, fname, tgid(ctx.pid))
+                if claim is not None:
+                    node = claim  # a writer finds its own inode
+                    attr = attrs.writer_attr(node, self.uid, self.gid)
+                else:
+                    await self.writes.await_closing(parent.session, fname)
+                    entry = await self.ns.get_entry(parent.session, fname)
+                    if entry is None:
+                        raise NotFound(fname)
+                    node = self.inodes.version(entry)
+                    attr = attrs.file_attr(node, entry)
+        except NotFound:
+            return attrs.negative()
+        self.inodes.looked_up(node)
+        return attr
+
+    @fuse_operation
+    async def forget(self, inode_list):
+        for ino, n in inode_list:
+            self.inodes.forget(ino, n)
+
+    @fuse_operation
+    async def getattr(self, inode, ctx=None):
+        return await self._attr(self.inodes.get(inode))
+
+    @fuse_operation
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        node = self.inodes.get(inode)
+        if isinstance(node, RootNode):
+            raise NotPermitted("the root's attributes are fixed")
+        if isinstance(node, SessionNode):
+            await self._setattr_session(node, attr, fields)
+        elif isinstance(node, WriterNode):
+            await self._setattr_writer(node, attr, fields, fh)
+        else:
+            if fields.update_size:
+                await self.writes.truncate_by_path(
+                    node.session, node.name, node.entry, attr.st_size
+                )
+            if _times_or_owner(fields):
+                await self._update_meta(node.session, node.name, attr, fields)
+        return await self._attr(node)
+
+    async def _setattr_session(self, node, attr, fields):
+        def mutate(info: SessionInfo):
+            if fields.update_mode:
+                info.mode = attr.st_mode
+            if fields.update_uid:
+                info.uid = attr.st_uid
+            if fields.update_gid:
+                info.gid = attr.st_gid
+            if fields.update_mtime:
+                info.mtime_ns = attr.st_mtime_ns
+
+        await self.ns.update_session(node.session, mutate)
+
+    async def _setattr_writer(self, node: WriterNode, attr, fields, fh):
+        h = self.handles.get(fh) if fh is not None else None
+        if h is not None and not h.writable:
+            h = None
+        if fields.update_size:
+            if h is None:
+                # truncate(2) by path, even from the writing process: its own
+                # version, committed at once (a closing writer may be gone)
+                await self.writes.truncate_by_path(
+                    node.session, node.name, node.entry, attr.st_size
+                )
+            else:
+                await self.writes.ensure_pending(h)
+                await self.ns.call_io(h.pending.truncate, attr.st_size)
+        if h is None:
+            h = next((w for w in reversed(node.writers) if w.pending is not None), None)
+        if not _times_or_owner(fields):
+            return
+        if h is not None and h.pending is not None and h.pending.dirty:
+            # a version being written: its metadata commits with it
+            p = h.pending
+            if fields.update_mtime:
+                p.mtime_ns = attr.st_mtime_ns
+            if fields.update_mode:
+                p.mode = stat.S_IFREG | (attr.st_mode & 0o7777)
+            if fields.update_uid:
+                p.uid = attr.st_uid
+            if fields.update_gid:
+                p.gid = attr.st_gid
+            return
+        if node.entry is not None:
+            # opened for writing but unchanged (touch does this): the committed entry
+            node.entry = await self._update_meta(node.session, node.name, attr, fields)
+
+    async def _update_meta(self, session, name, attr, fields) -> Entry:
+        def mutate(e: Entry):
+            if fields.update_mtime:
+                e.mtime_ns = attr.st_mtime_ns
+            elif fields.update_atime:
+                # touch -a: access extends life like a read does
+                e.mtime_ns = max(e.mtime_ns, attr.st_atime_ns)
+            if fields.update_mode:
+                e.mode = stat.S_IFREG | (attr.st_mode & 0o7777)
+            if fields.update_uid:
+                e.uid = attr.st_uid
+            if fields.update_gid:
+                e.gid = attr.st_gid
+
+        new = await self.ns.update_entry(session, name, mutate)
+        self.inodes.version(new)
+        return new
+
+    # -- directories ------------------------------------------------------------------
+
+    @fuse_operation
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        if parent_inode != ROOT:
+            self.inodes.get(parent_inode)
+            raise NotPermitted("sessions hold files only; no deeper directories")
+        session = check_name(name)
+        info = await self.ns.mkdir(session, stat.S_IFDIR | (mode & 0o7777), ctx.uid, ctx.gid)
+        node = self.inodes.session(session)
+        self.inodes.looked_up(node)
+        return attrs.session_attr(node, info)
+
+    @fuse_operation
+    async def rmdir(self, parent_inode, name, ctx):
+        if parent_inode != ROOT:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        await self.ns.rmdir(check_name(name))
+
+    @fuse_operation
+    async def opendir(self, inode, ctx):
+        if not isinstance(self.inodes.get(inode), RootNode | SessionNode):
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    @fuse_operation
+    async def readdir(self, fh, start_id, token):
+        node = self.inodes.get(fh)
+        if isinstance(node, RootNode):
+            items = [(s.name, s) for s in await self.ns.list_sessions()]
+        else:
+            if start_id == 0:
+                for name in self.inodes.claimed_names(node.session):
+                    await self.writes.await_closing(node.session, name)
+            items = [(e.name, e) for e in await self.ns.list_entries(node.session)]
+        items.sort(key=lambda it: it[0])
+        for i in range(start_id, len(items)):
+            name, rec = items[i]
+            if isinstance(node, RootNode):
+                child = self.inodes.session(name)
+                attr = attrs.session_attr(child, rec)
+            else:
+                child = self.inodes.version(rec)
+                attr = attrs.file_attr(child, rec)
+            if not self.kernel.readdir_reply(token, name.encode(), attr, i + 1):
+                break
+            self.inodes.looked_up(child)
+
+    @fuse_operation
+    async def releasedir(self, fh):
+        pass
+
+    # -- names ------------------------------------------------------------------------
+
+    @fuse_operation
+    async def unlink(self, parent_inode, name, ctx):
+        parent = self._session_of(parent_inode)
+        await self.ns.unlink(parent.session, check_name(name))
+
+    @fuse_operation
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        if flags & pyfuse3.RENAME_EXCHANGE:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if parent_inode_old == ROOT or parent_inode_new == ROOT:
+            if parent_inode_old == parent_inode_new:
+                # whole sessions do not move in one transaction; mv copies instead
+                raise KvfsError("sessions cannot be renamed in place", errno.EXDEV)
+            raise NotPermitted("the root holds session directories only")
+        old_parent = self._session_of(parent_inode_old)
+        new_parent = self._session_of(parent_inode_new)
+        old = check_name(name_old)
+        moved = await self.ns.rename(
+            old_parent.session,
+            old,
+            new_parent.session,
+            check_name(name_new),
+            noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
+        )
+        # the kernel moved its dentry: the version's inode now answers to the new name
+        self.inodes.moved(old_parent.session, old, moved)
+
+    @fuse_operation
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @fuse_operation
+    async def symlink(self, parent_inode, name, target, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @fuse_operation
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        raise pyfuse3.FUSEError(errno.EPERM)
+
+    @fuse_operation
+    async def readlink(self, inode, ctx):
+        raise pyfuse3.FUSEError(errno.EINVAL)
+
+    # -- files --------------------------------------------------------------------------
+
+    @fuse_operation
+    async def open(self, inode, flags, ctx):
+        node = self.inodes.get(inode)
+        if isinstance(node, RootNode | SessionNode):
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        log.debug("open %d (%s) flags=%o pid=%d", inode, type(node).__name__, flags, ctx.pid)
+        if isinstance(node, VersionNode):
+            if writable:
+                # Not on this inode: readers share it. Hand the writer an inode
+                # of its own; the kernel retries the open once on ESTALE,
+                # looking the name up again, and finds it.
+                current = await self.ns.get_entry(node.session, node.name)
+                self.inodes.claim(node.session, node.name, tgid(ctx.pid), current)
+                raise pyfuse3.FUSEError(errno.ESTALE)
+            entry, reader, past_cache = await self.reads.open_version(node)
+            return self._open_reader(node, entry, reader, past_cache)
+        if not writable:
+            # reading by path while the process writes the name: the committed
+            # version, as every other reader sees it
+            current = await self.ns.get_entry(node.session, node.name)
+            if current is None:
+                raise NotFound(node.name)
+            reader = await self.ns.open_reader(current.object)
+            return self._open_reader(node, current, reader, True)
+        h = self.writes.open_writer(node, tgid(ctx.pid))
+        if flags & os.O_TRUNC:
+            await self.writes.ensure_pending(h, empty=True)
+            h.pending.dirty = True
+        # writes bypass the page cache: nothing to keep coherent
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
+
+    def _open_reader(self, node, entry: Entry, reader, past_cache: bool) -> pyfuse3.FileInfo:
+        h = self.handles.new(node, False)
+        self.inodes.opened(node)
+        h.entry, h.reader = entry, reader
+        self.ns.count("files_read")
+        self.toucher.note(entry)
+        if past_cache:
+            return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
+        # committed versions never change: the kernel may keep their pages
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+
+    @fuse_operation
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        parent = self._session_of(parent_inode)
+        fname = check_name(name)
+        base = await self.writes.base_for_write(parent.session, fname)
+        w = self.inodes.claim(parent.session, fname, tgid(ctx.pid), base)
+        h = self.writes.open_writer(w, tgid(ctx.pid))
+        try:
+            h.pending = await self.ns.new_pending(
+                parent.session,
+                fname,
+                mode=stat.S_IFREG | (mode & 0o7777),
+                uid=ctx.uid,
+                gid=ctx.gid,
+                xattrs=base.xattrs if base else None,
+            )
+        except BaseException:
+            await self.writes.close_handle(h)
+            raise
+        h.pending.dirty = True  # an empty new file is still a file
+        self.inodes.looked_up(w)
+        fi = pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
+        return fi, attrs.writer_attr(w, self.uid, self.gid)
+
+    @fuse_operation
+    async def read(self, fh, off, size):
+        h = self.handles.get(fh)
+        if h is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        if h.pending is not None:
+            return await self.ns.call_io(h.pending.read, size, off)
+        return await self.reads.read(h, off, size)
+
+    @fuse_operation
+    async def write(self, fh, off, buf):
+        h = self.handles.get(fh)
+        if h is None or not h.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        await self.writes.ensure_pending(h)
+        if self.ns.memory_backed:
+            # a RAM-backed store: copying into it cannot block
+            return h.pending.write(buf, off)
+        return await self.ns.call_io(h.pending.write, buf, off)
+
+    @fuse_operation
+    async def flush(self, fh):
+        h = self.handles.get(fh)
+        if h is not None:
+            await self.writes.flush(h)
+
+    @fuse_operation
+    async def fsync(self, fh, datasync):
+        pass
+
+    @fuse_operation
+    async def release(self, fh):
+        h = self.handles.get(fh)
+        if h is not None:
+            await self.writes.release(h)
+
+    # -- xattrs ---------------------------------------------------------------------------
+
+    @fuse_operation
+    async def getxattr(self, inode, name, ctx):
+        return await self.xattrs.get(self.inodes.get(inode), name)
+
+    @fuse_operation
+    async def listxattr(self, inode, ctx):
+        return await self.xattrs.names(self.inodes.get(inode))
+
+    @fuse_operation
+    async def setxattr(self, inode, name, value, ctx):
+        node = self.inodes.get(inode)
+        if isinstance(node, RootNode) and name.startswith(CONTROL):
+            if self.control_fn is None:
+                raise pyfuse3.FUSEError(errno.ENOTSUP)
+            await self.control_fn(name[len(CONTROL) :].decode(), value)
+            return
+        key = check_xattr_name(name)
+        await self._change_xattrs(node, lambda x: x.__setitem__(key, bytes(value)))
+
+    @fuse_operation
+    async def removexattr(self, inode, name, ctx):
+        node = self.inodes.get(inode)
+        key = check_xattr_name(name)
+
+        def drop(x):
+            if key not in x:
+                raise pyfuse3.FUSEError(errno.ENODATA)
+            del x[key]
+
+        await self._change_xattrs(node, drop)
+
+    async def _change_xattrs(self, node, change) -> None:
+        new = await self.xattrs.change(node, change)
+        if new is not None:
+            self.inodes.version(new)
+
+    # -- the filesystem -------------------------------------------------------------------
+
+    @fuse_operation
+    async def statfs(self, ctx):
+        total, free, files = await self.ns.space()
+        bs = 4096
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = bs
+        s.f_blocks = total // bs
+        s.f_bfree = s.f_bavail = free // bs
+        s.f_files = files + 1_000_000
+        s.f_ffree = s.f_favail = 1_000_000
+        s.f_namemax = 255
+        return s

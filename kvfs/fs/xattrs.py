@@ -1,0 +1,135 @@
+"""Extended attributes: `user.kvfs.*` computed (read-only), other `user.*` stored."""
+
+import errno
+
+import pyfuse3
+
+from ..errors import KvfsError, NotFound, NotPermitted
+from ..namespace import Namespace, check_xattr_room
+from ..records import Entry, SessionInfo
+from .inodes import RootNode, SessionNode, VersionNode, WriterNode
+from .writes import Writes
+
+COMPUTED = "user.kvfs."
+CONTROL = b"user.kvfs.control."
+XATTR_NAME_MAX = 255
+
+
+def check_xattr_name(name: bytes) -> str:
+    """The settable user attribute NAME as str, else the errno setxattr(2) gives."""
+    if len(name) > XATTR_NAME_MAX:
+        raise pyfuse3.FUSEError(errno.ERANGE)
+    key = name.decode("utf-8", "surrogateescape")
+    if key.startswith(COMPUTED):
+        raise pyfuse3.FUSEError(errno.EPERM)  # computed by kvfs, read-only
+    if not key.startswith("user.") or key == "user.":
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+    return key
+
+
+class Xattrs:
+    def __init__(self, ns: Namespace, writes: Writes, status_fn=None):
+        self.ns = ns
+        self.writes = writes
+        self.status_fn = status_fn
+
+    async def file_entry(self, node: VersionNode) -> Entry:
+        """The metadata a version's inode shows, kept current."""
+        current = await self.ns.get_entry(node.session, node.name)
+        if current is not None and current.version == node.entry.version:
+            node.entry = current
+        return node.entry
+
+    async def computed(self, node) -> dict[str, bytes]:
+        if isinstance(node, RootNode):
+            out = {"user.kvfs.store": self.ns.store_url.encode()}
+            if self.status_fn is not None:
+                out["user.kvfs.status"] = self.status_fn().encode()
+            return out
+        if isinstance(node, SessionNode):
+            info = await self.ns.get_session(node.session)
+            if info is None:
+                raise NotFound(node.session)
+            entries = await self.ns.list_entries(node.session)
+            return {
+                "user.kvfs.ctime": str(info.ctime_ns).encode(),
+                "user.kvfs.files": str(len(entries)).encode(),
+                "user.kvfs.size": str(sum(e.size for e in entries)).encode(),
+            }
+        if isinstance(node, WriterNode):
+            p = next((h.pending for h in reversed(node.writers) if h.pending), None)
+            size = p.size if p is not None else node.entry.size if node.entry else 0
+            return {"user.kvfs.size": str(size).encode()}
+        entry = await self.file_entry(node)
+        return {
+            "user.kvfs.size": str(entry.size).encode(),
+            "user.kvfs.ctime": str(entry.ctime_ns).encode(),
+            "user.kvfs.mtime": str(entry.mtime_ns).encode(),
+            "user.kvfs.store": entry.store.encode(),
+            "user.kvfs.object": entry.object.encode(),
+            "user.kvfs.version": entry.version.encode(),
+            "user.kvfs.checksum": entry.checksum.encode(),
+        }
+
+    async def user(self, node) -> dict[str, bytes]:
+        if isinstance(node, RootNode):
+            return {}
+        if isinstance(node, SessionNode):
+            info = await self.ns.get_session(node.session)
+            if info is None:
+                raise NotFound(node.session)
+            return info.xattrs
+        if isinstance(node, WriterNode):
+            for w in reversed(node.writers):
+                if w.pending is not None:
+                    return w.pending.xattrs
+            return node.entry.xattrs if node.entry else {}
+        return (await self.file_entry(node)).xattrs
+
+    async def get(self, node, name: bytes) -> bytes:
+        key = name.decode("utf-8", "surrogateescape")
+        if key.startswith(COMPUTED):
+            values = await self.computed(node)
+        elif key.startswith("user."):
+            values = await self.user(node)
+        else:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        if key not in values:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        return values[key]
+
+    async def names(self, node) -> list[bytes]:
+        names = list(await self.computed(node)) + list(await self.user(node))
+        return [n.encode() for n in names]
+
+    async def change(self, node, change) -> Entry | None:
+        """Apply CHANGE (a function of the attribute dict) to NODE's user attributes.
+
+        Returns a version's new entry.
+        """
+        if isinstance(node, RootNode):
+            raise NotPermitted("the root has no user attributes")
+        if isinstance(node, SessionNode):
+
+            def mutate_s(info: SessionInfo):
+                change(info.xattrs)
+                check_xattr_room(info.xattrs)
+
+            await self.ns.update_session(node.session, mutate_s)
+            return None
+        if isinstance(node, WriterNode):
+            # attributes set while writing commit with the bytes
+            if not node.writers:
+                raise KvfsError("the writer has closed the file", errno.ESTALE)
+            h = node.writers[-1]
+            await self.writes.ensure_pending(h)
+            x = dict(h.pending.xattrs)
+            change(x)
+            check_xattr_room(x)
+            h.pending.xattrs = x
+            return None
+
+        def mutate(e: Entry):
+            change(e.xattrs)
+
+        return await self.ns.update_entry(node.session, node.name, mutate)
