@@ -1,4 +1,4 @@
-"""The etcd metadata layer against a real etcd."""
+"""The metadata contract, held by every implementation: etcd (real) and the in-memory fake."""
 
 import threading
 import time
@@ -7,13 +7,18 @@ import uuid
 import pytest
 
 from kvfs.errors import Conflict, Exists, MetaUnavailable, NotEmpty, NotFound
+from kvfs.memmeta import MemoryMeta
 from kvfs.meta import EtcdMeta
 from kvfs.records import Entry, SessionInfo
 
 
-@pytest.fixture
-def meta(etcd):
-    m = EtcdMeta(etcd.endpoints, prefix=f"/u-{uuid.uuid4().hex[:8]}/")
+@pytest.fixture(params=["etcd", "memory"])
+def meta(request):
+    if request.param == "etcd":
+        etcd = request.getfixturevalue("etcd")
+        m = EtcdMeta(etcd.endpoints, prefix=f"/u-{uuid.uuid4().hex[:8]}/")
+    else:
+        m = MemoryMeta()
     yield m
     m.close()
 
@@ -77,6 +82,47 @@ def test_watch_sees_changes(meta):
     meta.cancel_watch(wid)
 
 
+def test_compare_and_swap(meta):
+    meta.create_session(SessionInfo("s", mtime_ns=5))
+    info = meta.get_session("s")
+    assert info.mtime_ns == 5
+    stale = meta.get_session("s")
+    info.mode = 0o040700
+    meta.update_session(info)
+    assert meta.get_session("s").mode == 0o040700
+    with pytest.raises(Conflict):
+        meta.update_session(stale)
+    meta.commit(Entry("s", "a", object="o1"))
+    e = meta.get_entry("s", "a")
+    with pytest.raises(Conflict):
+        meta.delete_entry("s", "a", expect_rev=e.rev + 100)
+    meta.commit(Entry("s", "a", object="o2"))
+    with pytest.raises(Conflict):
+        meta.rename_entry(e, "s", "b")  # E is no longer current
+    assert meta.commit(Entry("s", "new", object="o3"), expect_rev=0) is None
+    with pytest.raises(Conflict):
+        meta.commit(Entry("s", "new", object="o4"), expect_rev=0)
+    assert meta.delete_entry("s", "a").object == "o2"
+    assert meta.delete_entry("s", "a") is None
+    assert sorted(e.name for e in meta.list_entries("s")) == ["new"]
+    assert [(e.session, e.name) for e in meta.iter_all_entries()] == [("s", "new")]
+
+
+def test_commit_moves_session_mtime(meta):
+    meta.create_session(SessionInfo("s", mtime_ns=1))
+    meta.commit(Entry("s", "a", mtime_ns=42))
+    assert meta.get_session("s").mtime_ns == 42
+    assert [s.mtime_ns for s in meta.list_sessions()] == [42]
+
+
+def test_revision_orders_changes(meta):
+    r0 = meta.revision()
+    meta.create_session(SessionInfo("s"))
+    meta.commit(Entry("s", "a"))
+    assert meta.revision() >= r0 + 2
+    assert meta.get_entry("s", "a").rev > r0
+
+
 def test_lock_is_exclusive(meta):
     a = meta.try_lock("gc", 10, "node-a")
     assert a is not None
@@ -85,6 +131,11 @@ def test_lock_is_exclusive(meta):
     b = meta.try_lock("gc", 10, "node-b")
     assert b is not None
     meta.unlock(b)
+
+
+def test_health_reports_every_member(meta):
+    h = meta.health()
+    assert h and all(m["healthy"] for m in h)
 
 
 def test_unreachable_etcd_fails_fast():

@@ -1,0 +1,98 @@
+"""The metadata interface: what the namespace asks of etcd (or of its in-memory fake).
+
+Implementations block; the daemon calls them from worker threads. Every
+method either does what it says or raises a `KvfsError`: `NotFound`,
+`Exists`, `NotEmpty`, `Conflict` (a compare-and-swap lost a race: re-read
+and retry) or `MetaUnavailable` (the store of metadata did not answer in
+time; a change may or may not have been applied). `tests/test_t2_meta_contract.py`
+holds every implementation to the same behaviour.
+"""
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+
+from .records import Entry, SessionInfo
+
+
+class Meta(ABC):
+    #: counters shown in `kvfs status` (calls, errors, failovers)
+    stats: dict
+    #: (host, port) of each member, for status lines
+    endpoints: list
+
+    # -- sessions ------------------------------------------------------------------
+
+    @abstractmethod
+    def get_session(self, name: str) -> SessionInfo | None: ...
+
+    @abstractmethod
+    def list_sessions(self) -> list[SessionInfo]:
+        """Every session, sorted by name, with its mtime."""
+
+    @abstractmethod
+    def create_session(self, info: SessionInfo) -> SessionInfo:
+        """Create INFO.name (Exists if it is there); sets INFO.rev."""
+
+    @abstractmethod
+    def update_session(self, info: SessionInfo) -> SessionInfo:
+        """Write INFO back if nobody changed it since it was read (else Conflict)."""
+
+    @abstractmethod
+    def delete_session(self, name: str) -> None:
+        """Delete an empty session (NotEmpty, NotFound); atomic against a commit into it."""
+
+    # -- entries -------------------------------------------------------------------
+
+    @abstractmethod
+    def get_entry(self, session: str, name: str) -> Entry | None: ...
+
+    @abstractmethod
+    def list_entries(self, session: str) -> list[Entry]: ...
+
+    @abstractmethod
+    def iter_all_entries(self) -> Iterator[Entry]: ...
+
+    @abstractmethod
+    def commit(self, entry: Entry, expect_rev: int | None = None) -> Entry | None:
+        """Publish ENTRY in one step; returns the entry it replaced.
+
+        NotFound if the session is gone; Conflict if EXPECT_REV is given and
+        the current entry's revision differs (0 = absent). Sets ENTRY.rev.
+        """
+
+    @abstractmethod
+    def delete_entry(self, session: str, name: str, expect_rev: int | None = None) -> Entry | None:
+        """Remove an entry; returns it (None if absent). Conflict as for commit."""
+
+    @abstractmethod
+    def rename_entry(self, entry: Entry, new_session: str, new_name: str) -> Entry | None:
+        """Move ENTRY (at ENTRY.rev) to a new name in one step; returns the entry replaced."""
+
+    # -- the cluster ---------------------------------------------------------------
+
+    @abstractmethod
+    def revision(self) -> int:
+        """The current revision: a watch started at revision()+1 misses nothing after now."""
+
+    @abstractmethod
+    def health(self) -> list[dict]:
+        """One dict per member (endpoint, healthy, ...); never raises."""
+
+    @abstractmethod
+    def try_lock(self, name: str, ttl: int, holder: str):
+        """Take lock NAME for TTL seconds; a lease id, or None if another holds it."""
+
+    @abstractmethod
+    def unlock(self, lease_id) -> None: ...
+
+    @abstractmethod
+    def watch(self, callback: Callable, start_revision: int | None = None):
+        """Call CALLBACK(list[WatchEvent] | Exception) for every change; returns a watch id."""
+
+    @abstractmethod
+    def cancel_watch(self, watch_id) -> None:
+        """Stop a watch; never raises."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release connections; never raises."""
