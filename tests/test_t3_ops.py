@@ -1,0 +1,242 @@
+"""The operations class called directly, with no kernel: memory store, in-memory metadata.
+
+What a mount cannot isolate: the claim protocol (a writer's own inode), lookup
+counts, the error boundary. The kernel is a recording fake.
+"""
+
+import errno
+import os
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+import trio
+
+from kvfs.errors import KvfsError
+from kvfs.fs import ROOT, Operations
+from kvfs.memmeta import MemoryMeta
+from kvfs.metacache import MetaCache
+from kvfs.namespace import Namespace
+from kvfs.store.memory import MemoryStore
+
+CTX = SimpleNamespace(pid=os.getpid(), uid=0, gid=0, umask=0o022)
+O_RDONLY, O_RDWR = os.O_RDONLY, os.O_RDWR
+
+
+class RecordingKernel:
+    """Stands in for the FUSE session: notes what would be sent."""
+
+    def __init__(self):
+        self.sent = []
+        self.listed = []
+
+    def invalidate_entry(self, parent, name):
+        self.sent.append(("entry", parent, name))
+
+    def invalidate_inode(self, ino):
+        self.sent.append(("inode", ino))
+
+    async def forget_entry_now(self, parent, name):
+        self.sent.append(("entry-now", parent, name))
+
+    def readdir_reply(self, token, name, attr, next_id):
+        self.listed.append((name, attr.st_ino))
+        return True
+
+
+def fields(**kw):
+    names = ("atime", "ctime", "gid", "mode", "mtime", "size", "uid")
+    return SimpleNamespace(**{f"update_{n}": kw.get(n, False) for n in names})
+
+
+@pytest.fixture
+def fs():
+    """Run a test body as `await body(ops, ns, store)` inside trio."""
+
+    def run(body):
+        async def main():
+            store = MemoryStore()
+            ns = Namespace(MemoryMeta(), store, MetaCache(), capacity=None, ttl=3600, node="t3")
+            await ns.load_index()
+            ops = Operations(ns, kernel=RecordingKernel(), touch_on_read=False)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(ns.run_later)
+                await body(ops, ns, store)
+                nursery.cancel_scope.cancel()
+
+        trio.run(main)
+
+    return run
+
+
+async def write_file(ops, session_ino, name: bytes, data: bytes):
+    fi, attr = await ops.create(session_ino, name, 0o644, os.O_WRONLY, CTX)
+    await ops.write(fi.fh, 0, data)
+    await ops.flush(fi.fh)  # no mountpoint: the commit waits for release
+    await ops.release(fi.fh)
+    await ops.forget([(attr.st_ino, 1)])
+    return attr.st_ino
+
+
+async def read_all(ops, ino) -> bytes:
+    fi = await ops.open(ino, O_RDONLY, CTX)
+    try:
+        return bytes(await ops.read(fi.fh, 0, 1 << 20))
+    finally:
+        await ops.release(fi.fh)
+
+
+def test_write_commit_read(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        writer_ino = await write_file(ops, s.st_ino, b"f", b"hello")
+        attr = await ops.lookup(s.st_ino, b"f", CTX)
+        assert attr.st_size == 5 and attr.st_ino != writer_ino  # a version's own inode
+        assert await read_all(ops, attr.st_ino) == b"hello"
+        assert ns.counters["commits"] == 1 and ns.counters["files_read"] == 1
+
+    fs(body)
+
+
+def test_lookup_counts_free_inodes(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"x")
+        a = await ops.lookup(s.st_ino, b"f", CTX)
+        b = await ops.lookup(s.st_ino, b"f", CTX)
+        assert a.st_ino == b.st_ino
+        node = ops.inodes.nodes[a.st_ino]
+        assert node.lookups == 2
+        await ops.forget([(a.st_ino, 1)])
+        assert a.st_ino in ops.inodes.nodes
+        await ops.forget([(a.st_ino, 1)])
+        assert a.st_ino not in ops.inodes.nodes
+        # forgetting what is gone, or too much, never raises
+        await ops.forget([(a.st_ino, 5), (999_999, 1), (ROOT, 1)])
+        assert ROOT in ops.inodes.nodes
+        again = await ops.lookup(s.st_ino, b"f", CTX)
+        assert again.st_ino != a.st_ino  # a fresh inode for the same version
+
+    fs(body)
+
+
+def test_writer_gets_its_own_inode_through_estale(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"old")
+        v = await ops.lookup(s.st_ino, b"f", CTX)
+        reader = await ops.open(v.st_ino, O_RDONLY, CTX)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.open(v.st_ino, O_RDWR, CTX)
+        assert e.value.errno == errno.ESTALE
+        w = await ops.lookup(s.st_ino, b"f", CTX)  # the kernel's retry
+        assert w.st_ino != v.st_ino and w.entry_timeout == 0
+        fi = await ops.open(w.st_ino, O_RDWR, CTX)
+        await ops.write(fi.fh, 3, b"new")
+        # the writer sees its version; readers still see theirs
+        assert bytes(await ops.read(fi.fh, 0, 10)) == b"oldnew"
+        assert bytes(await ops.read(reader.fh, 0, 10)) == b"old"
+        await ops.release(fi.fh)
+        await ops.forget([(w.st_ino, 1)])
+        assert ops.inodes.claim_of("s", "f", ops.handles.get(reader.fh).owner) is None
+        # after the commit the name resolves to a new version's inode
+        n = await ops.lookup(s.st_ino, b"f", CTX)
+        assert n.st_ino not in (v.st_ino, w.st_ino) and n.st_size == 6
+        assert ("entry-now", s.st_ino, "f") in ops.kernel.sent
+        assert bytes(await ops.read(reader.fh, 0, 10)) == b"old"  # an open file outlives it
+        await ops.release(reader.fh)
+
+    fs(body)
+
+
+def test_errors_cross_the_boundary_with_their_errno_and_are_counted(fs):
+    async def body(ops, ns, store):
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.mkdir(ROOT, b"a/b", 0o755, CTX)
+        assert e.value.errno == errno.EINVAL and isinstance(e.value.__cause__, KvfsError)
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"x")
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.rmdir(ROOT, b"s", CTX)
+        assert e.value.errno == errno.ENOTEMPTY
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.mkdir(s.st_ino, b"deeper", 0o755, CTX)
+        assert e.value.errno == errno.EPERM
+        stats = ops.statistics()
+        assert stats["mkdir"]["errnos"] == {"EINVAL": 1, "EPERM": 1}
+        assert stats["rmdir"]["errnos"] == {"ENOTEMPTY": 1}
+
+    fs(body)
+
+
+def test_a_bug_is_eio_and_the_filesystem_keeps_serving(fs, caplog):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+
+        async def broken(*a, **k):
+            raise ZeroDivisionError("a bug")
+
+        ns.list_entries = broken
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.readdir(s.st_ino, 0, None)
+        assert e.value.errno == errno.EIO
+        assert ops.statistics()["readdir"]["errnos"] == {"EIO": 1}
+        assert "internal error in readdir" in caplog.text and "ZeroDivisionError" in caplog.text
+        assert (await ops.getattr(s.st_ino, CTX)).st_ino == s.st_ino
+
+    fs(body)
+
+
+def test_appending_to_a_corrupt_file_does_not_launder_it(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"A" * 5000)
+        entry = await ns.get_entry("s", "f")
+        raw, t = store._objects[entry.object]
+        flipped = bytearray(raw)
+        flipped[-10] ^= 0xFF  # a byte of the data, behind kvfs's back
+        store._objects[entry.object] = (bytes(flipped), t)
+        v = await ops.lookup(s.st_ino, b"f", CTX)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await read_all(ops, v.st_ino)
+        assert e.value.errno == errno.EIO
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.open(v.st_ino, O_RDWR, CTX)  # ESTALE: the writer's own inode
+        w = await ops.lookup(s.st_ino, b"f", CTX)
+        fi = await ops.open(w.st_ino, O_RDWR | os.O_APPEND, CTX)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.write(fi.fh, 5000, b"tail")
+        assert e.value.errno == errno.EIO
+        await ops.release(fi.fh)
+        assert (await ns.get_entry("s", "f")).version == entry.version  # nothing committed
+        assert ns.counters["corrupt"] == 2
+
+    fs(body)
+
+
+def test_readdir_lists_versions_and_counts_lookups(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        for name in (b"b", b"a"):
+            await write_file(ops, s.st_ino, name, name)
+        await ops.readdir(s.st_ino, 0, None)
+        names = [n for n, _ in ops.kernel.listed]
+        assert names == [b"a", b"b"]
+        for _, ino in ops.kernel.listed:
+            assert ops.inodes.nodes[ino].lookups == 1
+
+    fs(body)
+
+
+def test_truncate_by_path_commits_a_new_version(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"0123456789")
+        v = await ops.lookup(s.st_ino, b"f", CTX)
+        attr = pyfuse3.EntryAttributes()
+        attr.st_size = 4
+        await ops.setattr(v.st_ino, attr, fields(size=True), None, CTX)
+        n = await ops.lookup(s.st_ino, b"f", CTX)
+        assert n.st_size == 4 and await read_all(ops, n.st_ino) == b"0123"
+
+    fs(body)
