@@ -193,6 +193,18 @@ def test_damaged_object_is_refused(make_mount, damage):
     assert st["counters"]["corrupt"] >= 1 and st["last_corrupt"] == "s/f"
     assert "s/f" in m.log()
     assert (m.path / "s" / "ok").read_bytes() == b"fine"
+    # appending or truncating copies the old bytes: the copy must not launder them
+    with pytest.raises(OSError) as e:
+        with open(m.path / "s" / "f", "ab") as f:
+            f.write(b"tail")
+    assert e.value.errno == errno.EIO
+    with pytest.raises(OSError) as e:
+        os.truncate(m.path / "s" / "f", 2_500_000)
+    assert e.value.errno == errno.EIO
+    _drop_caches()
+    with pytest.raises(OSError) as e:
+        (m.path / "s" / "f").read_bytes()
+    assert e.value.errno == errno.EIO
 
 
 def test_killed_daemon_with_private_etcd_remounts(make_mount):
