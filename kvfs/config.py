@@ -37,7 +37,7 @@ class Config:
     durable: bool = True
     enable_ssd_caching: bool = False
     ssd_cache_dir: str | None = None
-    enable_prefetch: bool = True
+    enable_prefetch: bool = False
     debug: bool = False
 
     def touch_every(self) -> float:
@@ -170,4 +170,21 @@ def load_config(path: str | None, env=None, overrides: dict | None = None) -> Co
     for k, v in (overrides or {}).items():
         if v is not None:
             setattr(cfg, k, _coerce(k, v, f"--{k.replace('_', '-')}"))
+    refuse_unbuilt(cfg, path or "settings")
     return cfg
+
+
+def refuse_unbuilt(cfg: Config, where: str) -> None:
+    """A setting that is accepted must work: refuse the ones this version cannot honour."""
+    if cfg.enable_ssd_caching:
+        raise KvfsError(
+            f"{where}: enable_ssd_caching: the SSD cache fronts a remote store (Crail), which "
+            "this version does not have; local stores are read from their own disk. "
+            "Remove the key or set it to false."
+        )
+    if cfg.enable_prefetch:
+        raise KvfsError(
+            f"{where}: enable_prefetch: prefetching into an SSD cache is not built yet; the "
+            "kernel's read-ahead (read_ahead_kb) prefetches within a file. "
+            "Remove the key or set it to false."
+        )

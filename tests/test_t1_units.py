@@ -88,7 +88,7 @@ def test_config_original_keys(tmp_path):
                     "cleanup_interval": 60,
                     "enable_ssd_caching": False,
                     "ssd_cache_dir": "/tmp/ssd",
-                    "enable_prefetch": True,
+                    "enable_prefetch": False,
                 },
                 "rank": 0,
                 "local_rank": 0,
@@ -101,6 +101,16 @@ def test_config_original_keys(tmp_path):
     assert (cfg.ttl, cfg.cleanup_interval) == (600, 60)
     cfg = load_config(str(p), env={"KVFS_TTL": "30"}, overrides={"cleanup_interval": "5"})
     assert (cfg.ttl, cfg.cleanup_interval) == (30, 5)
+
+
+@pytest.mark.parametrize("key", ["enable_ssd_caching", "enable_prefetch"])
+def test_config_refuses_what_it_cannot_honour(tmp_path, key):
+    # accepted and ignored would be worse than refused
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"kv_transfer_config": {key: True}}))
+    with pytest.raises(KvfsError) as e:
+        load_config(str(p), env={})
+    assert key in str(e.value) and "set it to false" in str(e.value)
 
 
 @pytest.mark.parametrize(
