@@ -21,7 +21,9 @@ class ChunkOp:
     block_ids: list[int]  # the paged blocks of this chunk, in token order
     tokens: list[int] = field(default_factory=list)  # token ids (saves only)
     skip_blocks: int = 0  # loads: leading blocks already computed locally
-    overwrite: bool = False  # saves: replace a file that failed to load
+    # saves: recomputed after a failed load; replaces a file that exists, which
+    # may be the damaged one or one computed on top of it
+    repair: bool = False
     num_tokens: int = 0  # tokens in the file if fewer than a chunk (a prompt's tail)
 
 
@@ -29,3 +31,4 @@ class ChunkOp:
 class StepPlan:
     loads: list[ChunkOp] = field(default_factory=list)
     saves: list[ChunkOp] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)  # requests that ended before this step

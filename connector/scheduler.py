@@ -40,10 +40,15 @@ class _Req:
     miss_tokens: int = 0
     counted: bool = False
     block_ids: list[int] = field(default_factory=list)
-    repair: set[int] = field(default_factory=set)  # chunks whose files failed to load
+    # After a failed load, chunks from this one on are recomputed and stored
+    # again over whatever files exist: those may hold KV computed on top of it.
+    repair_from: int | None = None
 
     def parent(self, index: int) -> bytes:
         return self.links[index - 1] if index else self.root
+
+    def repairs(self, index: int) -> bool:
+        return self.repair_from is not None and index >= self.repair_from
 
 
 def request_options(params: dict | None) -> tuple[str | None, bool, bool]:
@@ -178,7 +183,7 @@ class SchedulerSide:
         )
 
     def build_plan(self, scheduler_output) -> StepPlan:
-        plan = StepPlan()
+        plan = StepPlan(finished=sorted(scheduler_output.finished_req_ids or ()))
         bs = self.block_size
         per_chunk = self.chunk // bs
         for req_id, st in self._reqs.items():
@@ -219,13 +224,13 @@ class SchedulerSide:
             block_ids = self._block_ids(req_id)
             for i in range(st.saved_chunks, done):
                 op = self._op(req_id, st, i, block_ids, False, with_tokens=True)
-                op.overwrite = i in st.repair
+                op.repair = st.repairs(i)
                 if len(op.block_ids) == per_chunk:
                     plan.saves.append(op)
             st.saved_chunks = max(st.saved_chunks, done)
             if tail_done:
                 op = self._op(req_id, st, st.loadable, block_ids, True, with_tokens=True)
-                op.overwrite = st.loadable in st.repair
+                op.repair = st.repairs(st.loadable)
                 if len(op.block_ids) * bs == st.tail_tokens:
                     plan.saves.append(op)
                 st.tail_saved = True
@@ -233,7 +238,9 @@ class SchedulerSide:
 
     def update_connector_output(self, invalid_block_ids: set[int] | None) -> None:
         """After a failed load: count the lost hit as a miss, and save the
-        recomputed chunks again, replacing the file that failed."""
+        recomputed chunks again, replacing the file that failed and every later
+        one (the worker dropped what this step computed on top of it, but a file
+        may exist from another request that read the same bad chunk)."""
         if not invalid_block_ids:
             return
         per_chunk = self.chunk // self.block_size
@@ -248,7 +255,7 @@ class SchedulerSide:
             st.miss_tokens += lost
             self.stats.add("hit_tokens", -lost)
             self.stats.add("miss_tokens", lost)
-            st.repair.add(chunk)
+            st.repair_from = chunk if st.repair_from is None else min(st.repair_from, chunk)
             st.saved_chunks = min(st.saved_chunks, chunk)
             st.tail_saved = False
 

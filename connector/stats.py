@@ -20,6 +20,7 @@ FIELDS = (
     "saved_bytes",
     "save_skipped",  # chunks not written because the file already existed
     "save_dropped",  # chunks not written because the writer was too far behind
+    "save_discarded",  # chunks not written because they were computed on a failed load
     "save_errors",
     "save_stall_seconds",  # time the forward pass spent copying KV out for saving
     "save_write_seconds",  # time the background writer spent writing files

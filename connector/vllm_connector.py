@@ -147,7 +147,7 @@ class KVFSConnector(KVConnectorBase_V1):
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
         plan = self._scheduler.build_plan(scheduler_output)
-        return KVFSConnectorMetadata(loads=plan.loads, saves=plan.saves)
+        return KVFSConnectorMetadata(loads=plan.loads, saves=plan.saves, finished=plan.finished)
 
     def update_connector_output(self, connector_output) -> None:
         if self._scheduler is not None:

@@ -146,7 +146,7 @@ class ChunkWriter:
         session_dir = os.path.join(self._mount, op.session)
         name = space.file_name(op.index, bytes.fromhex(op.link), op.num_tokens)
         path = os.path.join(session_dir, name)
-        if not op.overwrite and os.path.exists(path):
+        if not op.repair and os.path.exists(path):
             self._stats.add("save_skipped", 1)
             return
         t0 = time.perf_counter()
@@ -205,6 +205,10 @@ class WorkerSide:
         self.kv_caches: dict[str, torch.Tensor] = {}
         self._errors: set[int] = set()
         self._errors_lock = threading.Lock()
+        # Requests whose load failed: whatever the forward pass computed on top
+        # of their loaded blocks is wrong, so none of it may be saved until the
+        # scheduler, told of the failure, plans the recomputed chunks as repairs.
+        self._poisoned: set[str] = set()
         self._loader: threading.Thread | None = None
         self._layer_ready: dict[str, threading.Event] = {}
         self._staged: dict[int, dict[str, torch.Tensor]] = {}
@@ -303,6 +307,7 @@ class WorkerSide:
         self.stats.add("load_errors", 1)
         with self._errors_lock:
             self._errors.update(op.block_ids[op.skip_blocks :])
+            self._poisoned.add(op.req_id)
 
     @torch.inference_mode()
     def _load(self, ops: list[ChunkOp]) -> None:
@@ -431,8 +436,12 @@ class WorkerSide:
 
     def submit_saves(self, plan: StepPlan) -> None:
         if not plan.saves:
+            self._forget(plan.finished)
             return
         t0 = time.perf_counter()
+        # A load's checksums may still be running: wait, so that a failure is
+        # known before anything computed on top of it is handed to the writer.
+        self.finish_load()
         failed = None
         for fut in self._copies:  # the step's blocks may be reused once we return
             try:
@@ -451,6 +460,10 @@ class WorkerSide:
         layers = list(self.kv_caches)
         for i, op in enumerate(plan.saves):
             tensors = self._staged.pop(i, {})
+            if op.req_id in self._poisoned and not op.repair:
+                self.stats.add("save_discarded", 1)
+                self.pool.put(tensors.values())
+                continue
             if set(tensors) != set(layers):
                 self.log.warning(
                     "kvfs: chunk %d of %s saw %d of %d layers, not saved",
@@ -467,9 +480,15 @@ class WorkerSide:
                 self.stats.add("save_dropped", 1)
                 self.log.warning("kvfs: writer behind, chunk %d of %s dropped", op.index, op.req_id)
         self._staged.clear()
+        self._forget(plan.finished)
         self._stall += time.perf_counter() - t0
         self.stats.add("save_stall_seconds", self._stall)
         self._stall = 0.0
+
+    def _forget(self, finished: list[str]) -> None:
+        if finished and self._poisoned:
+            with self._errors_lock:
+                self._poisoned.difference_update(finished)
 
     # -- reporting and shutdown ----------------------------------------------
 

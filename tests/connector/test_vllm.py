@@ -1,9 +1,12 @@
 """Real vLLM (CPU build) with the connector over the mount, one fresh process per engine."""
 
+import json
 import os
+import struct
 import subprocess
 
 import pytest
+import torch
 
 from conftest import CHUNK, PROMPTS
 
@@ -171,3 +174,35 @@ def test_connector_loads_in_vllm_with_cli_json(tiny_models):
     )
     cls = KVConnectorFactory.get_connector_class(cfg)
     assert cls.__name__ == "KVFSConnector"
+
+
+def negate_first_layer(path) -> None:
+    """Negate the first layer's KV inside a chunk file, leaving its checksum stale:
+    the load fails, but only after the forward pass has run on the bad KV."""
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    head = json.loads(data[8 : 8 + n])
+    first = head["__metadata__"]["layers"].split(",")[0]
+    begin, end = head[first]["data_offsets"]
+    kv = torch.frombuffer(data, dtype=torch.float32, count=(end - begin) // 4, offset=8 + n + begin)
+    kv.neg_()
+    path.write_bytes(bytes(data))
+
+
+def test_failed_load_never_poisons_later_chunks(kvfs_mount, tiny_models, baseline, run_vllm):
+    """Issue 9.1: B's later chunks are computed on top of A's damaged second
+    chunk before its checksum fails; none of them may be stored, and a fresh
+    process loading B must give B's uncached output."""
+    model = tiny_models["tiny-a"]
+    stored = run_vllm(model, [req("A")], kvfs_mount.path)
+    session = kvfs_mount.path / stored["results"][0]["kv_transfer_params"]["kvfs_session"]
+    negate_first_layer(session / chunk_files(session)[1])
+
+    first = run_vllm(model, [req("B")], kvfs_mount.path)["results"][0]
+    assert first["worker"]["load_errors"] == 1
+    assert first["token_ids"] == baseline["B"]  # vLLM recomputed the failed chunk on
+
+    again = run_vllm(model, [req("B")], kvfs_mount.path)["results"][0]
+    assert again["worker"].get("load_errors", 0) == 0
+    assert again["worker"]["loaded_tokens"] == loadable("B")  # all of B from the cache
+    assert again["token_ids"] == baseline["B"]
