@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
 DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable
+CAS_ATTEMPTS = 20  # compare-and-swap rounds before a hot entry is reported as a conflict
 
 
 class Namespace:
@@ -246,39 +247,46 @@ class Namespace:
         await self.call_meta(self.meta.delete_session, name)
         self.cache.drop_session(name)
 
+    async def retrying(self, what: str, attempt):
+        """Run ATTEMPT (read, change, compare-and-swap) until no Conflict interrupts it."""
+        for _ in range(CAS_ATTEMPTS):
+            try:
+                return await attempt()
+            except Conflict:
+                continue
+        raise Conflict(f"{what} kept changing")
+
     async def update_session(self, name: str, mutate: Callable[[SessionInfo], None]):
-        for _ in range(20):
+        async def attempt():
             info = await self.call_meta(self.meta.get_session, name)
             if info is None:
                 raise NotFound(f"no session {name}")
             mutate(info)
-            try:
-                await self.call_meta(self.meta.update_session, info)
-            except Conflict:
-                continue
+            await self.call_meta(self.meta.update_session, info)
             self.cache.put_session(info)
             return info
-        raise Conflict(f"session {name} kept changing")
+
+        return await self.retrying(f"session {name}", attempt)
 
     # -- entries ----------------------------------------------------------------------
 
     async def update_entry(self, session: str, name: str, mutate: Callable[[Entry], None]) -> Entry:
         """Read-modify-write an entry's metadata (times, mode, xattrs)."""
-        for _ in range(20):
+
+        async def attempt():
             entry = await self.call_meta(self.meta.get_entry, session, name)
             if entry is None:
                 raise NotFound(f"{session}/{name}")
             mutate(entry)
             check_xattr_room(entry.xattrs)
-            try:
-                await self.call_meta(self.meta.commit, entry, entry.rev)
-            except Conflict:
-                continue
-            self.cache.put_entry(entry)
-            self._index_set(session, name, entry)
-            await self._refresh_header(entry)
+            await self.call_meta(self.meta.commit, entry, entry.rev)
             return entry
-        raise Conflict(f"{session}/{name} kept changing")
+
+        entry = await self.retrying(f"{session}/{name}", attempt)
+        self.cache.put_entry(entry)
+        self._index_set(session, name, entry)
+        await self._refresh_header(entry)
+        return entry
 
     async def _refresh_header(self, entry: Entry) -> None:
         """Keep the object's own header in step with etcd, for `kvfs recover`."""
@@ -303,27 +311,24 @@ class Namespace:
     async def rename(
         self, session: str, name: str, new_session: str, new_name: str, noreplace: bool = False
     ) -> Entry:
-        for _ in range(20):
+        async def attempt():
             entry = await self.call_meta(self.meta.get_entry, session, name)
             if entry is None:
                 raise NotFound(f"{session}/{name}")
             if noreplace and await self.call_meta(self.meta.get_entry, new_session, new_name):
                 raise Exists(f"{new_session}/{new_name}")
-            try:
-                replaced = await self.call_meta(
-                    self.meta.rename_entry, entry, new_session, new_name
-                )
-            except Conflict:
-                continue
-            moved = Entry(**{**entry.__dict__, "session": new_session, "name": new_name})
-            self.cache.drop_entry(session, name)
-            self._index_set(session, name, None)
-            self.cache.put_entry(moved)
-            self._index_set(new_session, new_name, moved)
-            if replaced is not None and replaced.object != entry.object:
-                self.delete_object_later(replaced.object)
-            return moved
-        raise Conflict(f"{session}/{name} kept changing")
+            replaced = await self.call_meta(self.meta.rename_entry, entry, new_session, new_name)
+            return entry, replaced
+
+        entry, replaced = await self.retrying(f"{session}/{name}", attempt)
+        moved = Entry(**{**entry.__dict__, "session": new_session, "name": new_name})
+        self.cache.drop_entry(session, name)
+        self._index_set(session, name, None)
+        self.cache.put_entry(moved)
+        self._index_set(new_session, new_name, moved)
+        if replaced is not None and replaced.object != entry.object:
+            self.delete_object_later(replaced.object)
+        return moved
 
     # -- the commit ---------------------------------------------------------------------
 
