@@ -240,3 +240,57 @@ def test_truncate_by_path_commits_a_new_version(fs):
         assert n.st_size == 4 and await read_all(ops, n.st_ino) == b"0123"
 
     fs(body)
+
+
+def test_a_read_on_a_read_write_open_sees_the_bytes(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"0123456789")
+        v = await ops.lookup(s.st_ino, b"f", CTX)
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.open(v.st_ino, O_RDWR, CTX)
+        w = await ops.lookup(s.st_ino, b"f", CTX)
+        fi = await ops.open(w.st_ino, O_RDWR, CTX)
+        assert bytes(await ops.read(fi.fh, 0, 100)) == b"0123456789"
+        await ops.release(fi.fh)
+        assert (await ns.get_entry("s", "f")).version == ops.inodes.nodes[v.st_ino].entry.version
+
+    fs(body)
+
+
+def test_rename_of_ones_own_open_file_commits_under_the_new_name(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"x", b"old target")
+        fi, attr = await ops.create(s.st_ino, b".tmp123", 0o644, os.O_WRONLY, CTX)
+        await ops.write(fi.fh, 0, b"safetensors bytes")
+        await ops.rename(s.st_ino, b".tmp123", s.st_ino, b"x", 0, CTX)
+        await ops.release(fi.fh)
+        assert await ns.get_entry("s", ".tmp123") is None
+        x = await ops.lookup(s.st_ino, b"x", CTX)
+        assert await read_all(ops, x.st_ino) == b"safetensors bytes"
+        assert [e.name for e in await ns.list_entries("s")] == ["x"]
+
+    fs(body)
+
+
+def test_a_removed_name_stays_removed_when_its_writer_closes(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"committed")
+        # another process writes f; rm f meanwhile
+        fi, attr = await ops.create(s.st_ino, b"f", 0o644, os.O_WRONLY, CTX)
+        await ops.write(fi.fh, 0, b"new bytes")
+        await ops.unlink(s.st_ino, b"f", CTX)
+        await ops.write(fi.fh, 9, b" more")  # the descriptor keeps working
+        await ops.flush(fi.fh)
+        await ops.release(fi.fh)
+        assert await ns.get_entry("s", "f") is None
+        # a name never committed can be removed too (safetensors' cleanup does this)
+        fi, attr = await ops.create(s.st_ino, b".tmp", 0o644, os.O_WRONLY, CTX)
+        await ops.unlink(s.st_ino, b".tmp", CTX)
+        await ops.release(fi.fh)
+        assert await ns.list_entries("s") == []
+        await ops.rmdir(ROOT, b"s", CTX)
+
+    fs(body)

@@ -53,6 +53,7 @@ class WriterNode(FileNode):
     owner: int = 0  # the process (tgid) it belongs to
     pinned: float = 0.0  # claimed at (monotonic) and not yet used by an open
     writers: list = field(default_factory=list)  # handles that write
+    orphaned: bool = False  # its name was removed while open: it never commits
 
     def awaiting_open(self) -> bool:
         return bool(self.pinned) and time.monotonic() - self.pinned < CLAIM_TTL
@@ -195,6 +196,15 @@ class InodeTable:
             del owners[node.owner]
             if not owners:
                 del self._claims[key]
+
+    def move_claim(self, node: WriterNode, session: str, name: str) -> None:
+        """NODE's process renamed its open file: its version now commits under SESSION/NAME."""
+        self.drop_claim(node)
+        node.session, node.name = session, name
+        self._claims.setdefault((session, name), {})[node.owner] = node.ino
+        for h in node.writers:
+            if h.pending is not None:
+                h.pending.session, h.pending.name = session, name
 
     def writers_of(self, session: str, name: str) -> list[WriterNode]:
         owners = self._claims.get((session, name), {})

@@ -14,7 +14,7 @@ import time
 
 import pyfuse3
 
-from ..errors import KvfsError, NotFound, NotPermitted
+from ..errors import Exists, KvfsError, NotFound, NotPermitted
 from ..names import check_name
 from ..namespace import Namespace
 from ..records import Entry, SessionInfo
@@ -320,7 +320,14 @@ class Operations(pyfuse3.Operations):
     @fuse_operation
     async def unlink(self, parent_inode, name, ctx):
         parent = self._session_of(parent_inode)
-        await self.ns.unlink(parent.session, check_name(name))
+        fname = check_name(name)
+        try:
+            await self.ns.unlink(parent.session, fname)
+        except NotFound:
+            # a name only being written (never committed) is still a name
+            if not self.inodes.writers_of(parent.session, fname):
+                raise
+        self.writes.orphan(parent.session, fname)
 
     @fuse_operation
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
@@ -333,16 +340,31 @@ class Operations(pyfuse3.Operations):
             raise NotPermitted("the root holds session directories only")
         old_parent = self._session_of(parent_inode_old)
         new_parent = self._session_of(parent_inode_new)
-        old = check_name(name_old)
-        moved = await self.ns.rename(
-            old_parent.session,
-            old,
-            new_parent.session,
-            check_name(name_new),
-            noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE),
-        )
-        # the kernel moved its dentry: the version's inode now answers to the new name
-        self.inodes.moved(old_parent.session, old, moved)
+        old, new = check_name(name_old), check_name(name_new)
+        noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
+        # the caller's own file, open for writing (safetensors renames its
+        # temporary file before closing it): its version moves with the name
+        mine = self.inodes.claim_of(old_parent.session, old, tgid(ctx.pid))
+        try:
+            moved = await self.ns.rename(
+                old_parent.session, old, new_parent.session, new, noreplace=noreplace
+            )
+        except NotFound:
+            if mine is None or mine.orphaned:
+                raise
+            moved = None
+            # nothing committed under the old name yet: the target goes now,
+            # the writer's version takes its place at close
+            if await self.ns.get_entry(new_parent.session, new) is not None:
+                if noreplace:
+                    raise Exists(f"{new_parent.session}/{new}") from None
+                await self.ns.unlink(new_parent.session, new)
+        if moved is not None:
+            # the kernel moved its dentry: the version's inode now answers to the new name
+            self.inodes.moved(old_parent.session, old, moved)
+        if mine is not None:
+            self.writes.orphan(new_parent.session, new)  # others' writes to the target
+            self.inodes.move_claim(mine, new_parent.session, new)
 
     @fuse_operation
     async def link(self, inode, new_parent_inode, new_name, ctx):
@@ -434,6 +456,9 @@ class Operations(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is None:
             raise pyfuse3.FUSEError(errno.EBADF)
+        if h.writable:
+            # an O_RDWR open reads the version it is changing: stage it now
+            await self.writes.ensure_pending(h)
         if h.pending is not None:
             return await self.ns.call_io(h.pending.read, size, off)
         return await self.reads.read(h, off, size)

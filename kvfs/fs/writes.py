@@ -120,6 +120,18 @@ class Writes:
         finally:
             await self.close_handle(h)
 
+    def orphan(self, session: str, name: str) -> int:
+        """SESSION/NAME was removed: versions being written to it never commit.
+
+        As on any filesystem, an open file outlives its name and its writer's
+        bytes go nowhere; the name stays removed. Returns how many writers.
+        """
+        nodes = self.inodes.writers_of(session, name)
+        for node in nodes:
+            node.orphaned = True
+            self.inodes.drop_claim(node)
+        return len(nodes)
+
     async def flush(self, h: Handle) -> None:
         # Every close(2) of every descriptor lands here, also a forked child
         # closing an inherited one (before its exec). So the commit happens
@@ -127,7 +139,7 @@ class Writes:
         # its own close. Otherwise the commit waits for release (the last
         # close) and flush only checks it could happen. Either way close(2)
         # reports the errno of a commit that cannot happen.
-        if h.pending is None or not h.pending.dirty:
+        if h.pending is None or not h.pending.dirty or h.node.orphaned:
             return
         h.flushed = True
         failed = h.pending.failed
@@ -156,7 +168,9 @@ class Writes:
     async def release(self, h: Handle) -> None:
         try:
             p = h.pending
-            if p is not None and p.failed is not None:
+            if p is not None and getattr(h.node, "orphaned", False):
+                log.debug("%s/%s was removed while open: not committed", p.session, p.name)
+            elif p is not None and p.failed is not None:
                 log.warning(
                     "%s/%s: not committed after a failed write (%s)",
                     h.node.session,
