@@ -146,7 +146,6 @@ def test_kvfsx_without_mmap_reopen_fallocate(kvfs_mount):
     kvfsx_seeds(d, "--no-mmap", "--no-reopen", "--no-fallocate")
 
 
-@issue10("a read on a reopened O_RDWR descriptor returns EOF (short read: 0x0 bytes)")
 def test_kvfsx_with_reopen(kvfs_mount):
     d = kvfs_mount.path / "kvfsx"
     d.mkdir()
@@ -163,7 +162,6 @@ def test_kvfsx_with_mmap_and_reopen(kvfs_mount):
 # -- fio -------------------------------------------------------------------
 
 
-@issue10("fio's verify pass reads EOF on its O_RDWR reopen: err=5 (EIO), func=full resid")
 @pytest.mark.parametrize("direct", [0, 1], ids=["buffered", "direct"])
 @pytest.mark.parametrize("rw", ["write", "randwrite"])
 def test_fio_verify(kvfs_mount, rw, direct):
@@ -381,7 +379,6 @@ def safetensors_roundtrip(d: Path):
     assert os.listdir(d) == ["layer0.safetensors"]
 
 
-@issue10("save_file: rename of its still-open .tmpXXXXXX is ENOENT (SafetensorError, os error 2)")
 def test_safetensors_save_and_load(kvfs_mount):
     bounded(safetensors_roundtrip, kvfs_mount.path / "s", timeout=120)
 
@@ -477,7 +474,6 @@ def rdwr_reads(d: Path):
     assert f.read_bytes() == b"01234567AB"
 
 
-@issue10("read on an O_RDWR descriptor of an existing file returns b'' (EOF)")
 def test_rdwr_reads_see_existing_bytes(kvfs_mount):
     bounded(rdwr_reads, kvfs_mount.path / "s")
 
@@ -493,7 +489,6 @@ def rename_own_open_file(d: Path):
     assert (d / "final").read_bytes() == b"first half, second half"
 
 
-@issue10("rename of one's own still-open file is ENOENT")
 def test_rename_own_open_file(kvfs_mount):
     bounded(rename_own_open_file, kvfs_mount.path / "s")
 
@@ -510,7 +505,6 @@ def unlink_own_open_file(d: Path):
     assert os.listdir(d) == []
 
 
-@issue10("unlink of one's own still-open file is ENOENT")
 def test_unlink_own_open_file(kvfs_mount):
     bounded(unlink_own_open_file, kvfs_mount.path / "s")
 
@@ -532,7 +526,6 @@ def rm_under_writer(d: Path):
     assert os.listdir(d) == [] and not f.exists()
 
 
-@issue10("rm while another process writes: the writer's close brings the name back")
 def test_rm_under_a_writer_stays_removed(kvfs_mount):
     bounded(rm_under_writer, kvfs_mount.path / "s")
 
