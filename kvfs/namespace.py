@@ -65,7 +65,7 @@ class Namespace:
         self.meta_limiter = trio.CapacityLimiter(16)
         self.io_limiter = trio.CapacityLimiter(8)
         self.counters = Counter()
-        # (session, name) -> (size, mtime_ns) of every entry: capacity and LRU eviction
+        # (session, name) -> (size, last use) of every entry: capacity and LRU eviction
         self.index: dict[tuple, tuple[int, int]] = {}
         self.used = 0
         self.last_corrupt: str | None = None
@@ -167,7 +167,7 @@ class Namespace:
 
     async def load_index(self) -> None:
         entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
-        self.index = {(e.session, e.name): (e.size, e.mtime_ns) for e in entries}
+        self.index = {(e.session, e.name): (e.size, e.last_use_ns) for e in entries}
         self.used = sum(s for s, _ in self.index.values())
         self.index_complete = True
 
@@ -176,7 +176,7 @@ class Namespace:
         if old is not None:
             self.used -= old[0]
         if entry is not None:
-            self.index[(session, name)] = (entry.size, entry.mtime_ns)
+            self.index[(session, name)] = (entry.size, entry.last_use_ns)
             self.used += entry.size
 
     def apply_event(self, ev: WatchEvent) -> None:
@@ -449,7 +449,7 @@ class Namespace:
         now_ns = now_ns or time.time_ns()
         limit = int(self.ttl * 1e9)
         entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
-        expired = [e for e in entries if now_ns - e.mtime_ns > limit]
+        expired = [e for e in entries if now_ns - e.last_use_ns > limit]
         n = 0
         for i, e in enumerate(expired):
             try:
@@ -463,7 +463,7 @@ class Namespace:
                 n += 1
             if progress:
                 progress(i + 1, len(expired))
-        live = {e.session for e in entries if now_ns - e.mtime_ns <= limit}
+        live = {e.session for e in entries if now_ns - e.last_use_ns <= limit}
         for s in await self.call_meta(self.meta.list_sessions):
             if s.name in live or now_ns - max(s.mtime_ns, s.ctime_ns) <= limit:
                 continue
@@ -485,6 +485,7 @@ def header_meta(entry: Entry) -> dict:
         "name": entry.name,
         "size": entry.size,
         "mtime_ns": entry.mtime_ns,
+        "atime_ns": entry.atime_ns,
         "ctime_ns": entry.ctime_ns,
         "checksum": entry.checksum,
         "version": entry.version,

@@ -13,6 +13,9 @@ class Entry:
     size: int = 0
     mtime_ns: int = 0
     ctime_ns: int = 0
+    # last read (touch-on-read) or an explicit atime: extends life without
+    # rewriting the mtime a user or a copy tool set
+    atime_ns: int = 0
     object: str = ""
     version: str = ""
     checksum: str = ""
@@ -23,6 +26,11 @@ class Entry:
     gid: int = 0
     xattrs: dict = field(default_factory=dict)  # name -> bytes
     rev: int = 0  # etcd mod_revision; not stored
+
+    @property
+    def last_use_ns(self) -> int:
+        """What expiry and LRU eviction go by: the later of mtime and atime."""
+        return max(self.mtime_ns, self.atime_ns)
 
     def to_json(self) -> bytes:
         d = asdict(self)

@@ -75,6 +75,7 @@ def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
                 size=int(meta["size"]),
                 mtime_ns=int(meta["mtime_ns"]),
                 ctime_ns=int(meta["ctime_ns"]),
+                atime_ns=int(meta.get("atime_ns", 0)),
                 object=key,
                 version=str(meta["version"]),
                 checksum=str(meta["checksum"]),

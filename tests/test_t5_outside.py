@@ -250,7 +250,6 @@ def tree(tmp_path):
     return make_tree(tmp_path / "src")
 
 
-@issue10("mtimes not kept: small files have mtime=now right after rsync -a, before any read")
 def test_rsync_a(kvfs_mount, tree):
     if shutil.which("rsync") is None:
         pytest.fail("rsync is not installed (apt-get install rsync)")
@@ -278,7 +277,6 @@ def test_rsync_ax(kvfs_mount, tree):
     )
 
 
-@issue10("reading a copied file resets its mtime to now (read-extends-life)")
 def test_cp_a(kvfs_mount, tree):
     bounded(
         copy_in,
@@ -298,7 +296,6 @@ def archive(tree, tmp_path):
     return a
 
 
-@issue10("reading an extracted file resets its mtime to now (read-extends-life)")
 def test_tar_x(kvfs_mount, tree, archive):
     def untar(s, d):
         d.mkdir()
@@ -316,7 +313,6 @@ def test_tar_x_xattrs(kvfs_mount, tree, archive):
     bounded(copy_in, untar, tree, kvfs_mount.path / "s", True, timeout=120)
 
 
-@issue10("reading a copied file resets its mtime to now (read-extends-life)")
 def test_shutil_copytree(kvfs_mount, tree):
     bounded(
         copy_in,
@@ -453,7 +449,6 @@ def utimes_stick(d: Path):
     assert os.stat(f).st_mtime_ns == OLD_NS
 
 
-@issue10("reading a file after touch -d resets its mtime to now (read-extends-life)")
 def test_utimensat_sticks(kvfs_mount):
     bounded(utimes_stick, kvfs_mount.path / "s")
 

@@ -55,7 +55,8 @@ def file_attr(node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
     a.st_uid, a.st_gid = entry.uid, entry.gid
     a.st_size = entry.size
     a.st_blocks = (entry.size + 511) // 512
-    a.st_mtime_ns = a.st_atime_ns = entry.mtime_ns
+    a.st_mtime_ns = entry.mtime_ns
+    a.st_atime_ns = entry.atime_ns or entry.mtime_ns
     a.st_ctime_ns = entry.ctime_ns
     return a
 

@@ -241,17 +241,19 @@ class Operations(pyfuse3.Operations):
             if fields.update_gid:
                 p.gid = attr.st_gid
             return
-        if node.entry is not None:
-            # opened for writing but unchanged (touch does this): the committed entry
+        # nothing being written (touch opens for writing and changes nothing),
+        # or the version was committed at its close already (rsync sets times
+        # after closing): the committed entry
+        if await self.ns.get_entry(node.session, node.name) is not None:
             node.entry = await self._update_meta(node.session, node.name, attr, fields)
 
     async def _update_meta(self, session, name, attr, fields) -> Entry:
         def mutate(e: Entry):
             if fields.update_mtime:
                 e.mtime_ns = attr.st_mtime_ns
-            elif fields.update_atime:
-                # touch -a: access extends life like a read does
-                e.mtime_ns = max(e.mtime_ns, attr.st_atime_ns)
+            if fields.update_atime:
+                # as set; touch -a extends life like a read does
+                e.atime_ns = attr.st_atime_ns
             if fields.update_mode:
                 e.mode = stat.S_IFREG | (attr.st_mode & 0o7777)
             if fields.update_uid:

@@ -95,7 +95,7 @@ def read_verified(h: Handle, off: int, size: int, nowait: bool = False):
 
 
 class Toucher:
-    """Read-extends-life: an opened entry's mtime moves to now, at most once per interval.
+    """Read-extends-life: an opened entry's atime moves to now, at most once per interval.
 
     A service: `note` only queues (deduplicated by name, bounded), and one
     task writes the new times to etcd, so a burst of opens costs at most one
@@ -114,9 +114,9 @@ class Toucher:
         if not self.enabled:
             return
         now = time.time_ns()
-        if now - entry.mtime_ns < self.interval_ns:
+        if now - entry.last_use_ns < self.interval_ns:
             return
-        entry.mtime_ns = now  # the next open in this interval needs no touch
+        entry.atime_ns = now  # the next open in this interval needs no touch
         key = (entry.session, entry.name)
         if key not in self._due and len(self._due) >= TOUCH_QUEUE_MAX:
             self.skipped += 1
@@ -135,7 +135,8 @@ class Toucher:
 
     async def _touch(self, session: str, name: str, now: int) -> None:
         def mutate(e: Entry):
-            e.mtime_ns = max(e.mtime_ns, now)
+            # the atime, never the mtime: a time someone set stays as set
+            e.atime_ns = max(e.atime_ns, now)
 
         try:
             await self.ns.update_entry(session, name, mutate)
