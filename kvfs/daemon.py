@@ -24,7 +24,7 @@ from .config import Config
 from .errors import Conflict, KvfsError, MetaUnavailable
 from .etcd_server import PrivateEtcd
 from .fs import ROOT, Kernel, Operations
-from .meta import EtcdMeta
+from .meta import EtcdMeta, WatchCompacted
 from .metacache import MetaCache
 from .namespace import Namespace
 from .store import open_store
@@ -121,6 +121,7 @@ class Daemon:
             "store": {
                 "url": self.store.url,
                 "capacity": ns.capacity,
+                "max_file_size": ns.max_file_size,
                 "used": ns.used,
                 "entries": len(ns.index),
                 "medium_total": usage.total if usage else None,
@@ -203,7 +204,12 @@ class Daemon:
     async def run_health(self, task_status=trio.TASK_STATUS_IGNORED):
         task_status.started()
         while True:
-            self.health = await trio.to_thread.run_sync(self.meta.health, abandon_on_cancel=True)
+            try:
+                self.health = await trio.to_thread.run_sync(
+                    self.meta.health, abandon_on_cancel=True
+                )
+            except Exception as exc:  # a report only: it must never stop the mount
+                log.warning("etcd health probe failed: %r", exc)
             try:
                 self.usage = await trio.to_thread.run_sync(self.store.usage)
             except KvfsError as exc:
@@ -211,59 +217,113 @@ class Daemon:
             await trio.sleep(5)
 
     async def run_watch(self, task_status=trio.TASK_STATUS_IGNORED):
-        """Keep the cache and the kernel coherent with every change in etcd."""
-        ns, ops = self.ns, self.ops
+        """Keep the cache and the kernel coherent with every change in etcd.
+
+        etcd may fail at any moment: while the watch is made, while it runs,
+        while the index is read again. Each failure ends one round here, and
+        the next round starts where the last event left off; nothing escapes
+        to the nursery, which would take the mount down with it.
+        """
+        ns = self.ns
         rev = self.start_revision
-        token = trio.lowlevel.current_trio_token()
         started = False
-        while True:
-            send, recv = trio.open_memory_channel(math.inf)
 
-            def deliver(item, send=send):
-                try:
-                    trio.from_thread.run_sync(send.send_nowait, item, trio_token=token)
-                except (trio.RunFinishedError, trio.ClosedResourceError):
-                    pass
-
-            try:
-                wid = await ns.call_meta(self.meta.watch, deliver, rev)
-            except KvfsError as exc:
-                self.watch_state = f"down: {exc}"
-                if not started:
-                    started = True
-                    task_status.started()
-                await trio.sleep(0.5)
-                continue
-            self.watch_state = "up"
-            if not ns.index_complete:
-                # events were missed while the watch was down: read etcd again
-                try:
-                    await ns.load_index()
-                except KvfsError as exc:
-                    log.warning("could not reload the entry index: %s", exc)
+        def ready():
+            # the mount is ready once the first watch is up, or has failed
+            nonlocal started
             if not started:
                 started = True
                 task_status.started()
-            async for item in recv:
-                if isinstance(item, Exception):
-                    log.warning("etcd watch broke (%s); resuming at revision %d", item, rev)
-                    if "Compacted" in type(item).__name__:
-                        rev = None
-                    break
-                for ev in item:
-                    ns.apply_event(ev)
-                    rev = ev.revision + 1
-                    if ev.kind == "entry":
-                        entry = ns.cache.lookup_entry(ev.session, ev.name)[1]
-                        ops.on_entry_changed(ev.session, ev.name, entry if ev.value else None)
-                    elif ev.kind == "session" and ev.value is None:
-                        ops.on_session_changed(ev.session, None)
-            self.watch_state = "reconnecting"
-            ns.index_complete = False
-            await trio.to_thread.run_sync(self.meta.cancel_watch, wid)
-            # events may have been missed while the stream was down
+
+        while True:
+            try:
+                rev, up = await self._watch_round(rev, ready)
+            except Exception as exc:
+                # a bug, not an etcd failure (those come as KvfsError): say where,
+                # and keep watching rather than unmounting
+                log.error("etcd watch failed unexpectedly; restarting it", exc_info=exc)
+                up = False
+            ready()
+            if up:
+                self.watch_state = "reconnecting"
+                ns.index_complete = False
+                # events may have been missed while the stream was down
+                ns.cache.invalidate_all()
+            # a watch that could not be made at all backs off longer
+            await trio.sleep(0.2 if up else 0.5)
+
+    async def _watch_round(self, rev, ready):
+        """Make one watch and follow it until it breaks: returns (revision to
+        resume at, whether the watch was up at all)."""
+        ns = self.ns
+        token = trio.lowlevel.current_trio_token()
+        send, recv = trio.open_memory_channel(math.inf)
+
+        def deliver(item):
+            try:
+                trio.from_thread.run_sync(send.send_nowait, item, trio_token=token)
+            except (trio.RunFinishedError, trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # a stream from an earlier round, or we are shutting down
+
+        with recv:  # closed on the way out: late items of this stream are dropped
+            try:
+                handle = await ns.call_meta(self.meta.watch, deliver, rev)
+            except WatchCompacted as exc:
+                log.warning("etcd watch: %s; reading every entry again", exc)
+                return None, False
+            except KvfsError as exc:
+                if not self.watch_state.startswith("down"):  # once per outage
+                    log.warning("etcd watch down: %s", exc)
+                self.watch_state = f"down: {exc}"
+                return rev, False
+            try:
+                if self.watch_state != "starting":
+                    log.info("etcd watch up again at revision %s", rev or "now")
+                self.watch_state = "up"
+                if not ns.index_complete:
+                    # events were missed while the watch was down: read etcd again
+                    try:
+                        await ns.load_index()
+                    except Exception as exc:  # etcd down again, or a bad record
+                        log.warning("could not reload the entry index: %s", exc)
+                ready()
+                async for item in recv:
+                    if isinstance(item, Exception):
+                        log.warning("etcd watch broke (%s); resuming at revision %s", item, rev)
+                        if "Compacted" in type(item).__name__:
+                            rev = None
+                        break
+                    for ev in item:
+                        rev = ev.revision + 1
+                        self._apply_event(ev)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(
+                        self.meta.cancel_watch, handle, abandon_on_cancel=True
+                    )
+        return rev, True
+
+    def _apply_event(self, ev) -> None:
+        ns, ops = self.ns, self.ops
+        try:
+            ns.apply_event(ev)
+            if ev.kind == "entry":
+                entry = ns.cache.lookup_entry(ev.session, ev.name)[1]
+                ops.on_entry_changed(ev.session, ev.name, entry if ev.value else None)
+            elif ev.kind == "session" and ev.value is None:
+                ops.on_session_changed(ev.session, None)
+        except Exception as exc:
+            # a record we cannot read (written by something else, or damaged):
+            # skip it rather than die or stall on it; forget what we cached
+            log.warning(
+                "etcd watch: skipped a %s event for %s/%s at revision %d: %r",
+                ev.kind,
+                ev.session,
+                ev.name,
+                ev.revision,
+                exc,
+            )
             ns.cache.invalidate_all()
-            await trio.sleep(0.2)
 
     async def run_signals(self, task_status=trio.TASK_STATUS_IGNORED):
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -302,7 +362,13 @@ class Daemon:
         cfg = self.cfg
         cache = MetaCache(cfg.cache_sessions, cfg.cache_layers, cfg.cache_recent)
         self.ns = ns = Namespace(
-            self.meta, self.store, cache, capacity=cfg.capacity, ttl=cfg.ttl, node=self.node
+            self.meta,
+            self.store,
+            cache,
+            capacity=cfg.capacity,
+            ttl=cfg.ttl,
+            node=self.node,
+            max_file_size=cfg.max_file_size,
         )
         await ns.load_index()
         kernel = Kernel()

@@ -29,9 +29,27 @@ _TRANSIENT = (
     etcd_exc.ConnectionTimeoutError,
     etcd_exc.NoServerAvailableError,
     etcd_exc.InternalServerError,
+    # a watch that etcd did not confirm in time: the same as a unary timeout
+    etcd_exc.WatchTimedOut,
     grpc.RpcError,
     ValueError,  # pyetcd raises it for "Trying to use a failed node"
 )
+
+# gRPC channel settings. Keepalive finds a connection that went silent (a
+# partition, a dead NAT entry) even when only the watch stream uses it; etcd
+# refuses pings more often than every 5 s. A capped reconnect backoff makes an
+# etcd that comes back usable within about 2 s, not gRPC's default of up to 120 s.
+_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+class WatchCompacted(KvfsError):
+    """The watch's start revision is compacted away: start from now, read again."""
 
 
 def parse_endpoints(spec) -> list[tuple[str, int]]:
@@ -40,12 +58,17 @@ def parse_endpoints(spec) -> list[tuple[str, int]]:
     out = []
     for item in spec:
         item = item.strip()
+        if item.startswith("unix:"):
+            # etcd names a unix socket like a TCP address, PATH:PORT (it insists
+            # on that form), and gRPC dials "unix:/PATH:PORT" as it is: keep
+            # "unix:/PATH" as the host so that pyetcd's HOST:PORT is that target
+            item = "unix:/" + item[len("unix:") :].lstrip("/")
         for scheme in ("http://", "https://"):
             if item.startswith(scheme):
                 item = item[len(scheme) :]
         host, _, port = item.rpartition(":")
-        if not host or not port.isdigit():
-            raise KvfsError(f"bad etcd endpoint {item!r} (expected HOST:PORT)")
+        if not host or host == "unix:/" or not port.isdigit():
+            raise KvfsError(f"bad etcd endpoint {item!r} (expected HOST:PORT or unix:///PATH:PORT)")
         out.append((host, int(port)))
     if not out:
         raise KvfsError("no etcd endpoint given")
@@ -75,7 +98,14 @@ class EtcdMeta:
         eps = [
             # A failed member is retried after 1 s, not pyetcd's 300 s default,
             # so an etcd that comes back is used again promptly.
-            pyetcd.Endpoint(h, p, secure=creds is not None, creds=creds, time_retry=1.0)
+            pyetcd.Endpoint(
+                h,
+                p,
+                secure=creds is not None,
+                creds=creds,
+                time_retry=1.0,
+                opts=_CHANNEL_OPTIONS,
+            )
             for h, p in self.endpoints
         ]
         self.stats = {"calls": 0, "errors": 0, "failovers": 0}
@@ -111,7 +141,7 @@ class EtcdMeta:
     def _call(self, fn, *args, **kwargs):
         """Run one etcd call, failing over between members once each."""
         attempts = len(self.endpoints) + 1
-        last = None
+        first = None
         for _ in range(attempts):
             self.stats["calls"] += 1
             try:
@@ -126,7 +156,9 @@ class EtcdMeta:
                     self.stats["errors"] += 1
                     raise KvfsError(f"etcd refused: {_rpc_text(exc)}") from None
                 self.stats["errors"] += 1
-                last = exc
+                # the first error is the cause; later ones are mostly "no
+                # member left to try" because the first marked it failed
+                first = first or exc
                 continue
             label = self.client._current_endpoint_label
             if label != self._last_endpoint:
@@ -134,7 +166,11 @@ class EtcdMeta:
                 log.warning("etcd: now using %s (was %s)", label, self._last_endpoint)
                 self._last_endpoint = label
             return result
-        raise MetaUnavailable(f"etcd unavailable: {type(last).__name__}: {last}")
+        if isinstance(first, grpc.RpcError):
+            name, text = "RpcError", _rpc_text(first)
+        else:
+            name, text = type(first).__name__, str(first) or f"no answer in {self.timeout:g} s"
+        raise MetaUnavailable(f"etcd unavailable: {name}: {text}")
 
     def _k(self, *parts: str) -> bytes:
         return self.prefix + "/".join(parts).encode()
@@ -386,13 +422,14 @@ class EtcdMeta:
         self._call(self.client.revoke_lease, lease_id)
 
     def watch(self, callback: Callable, start_revision: int | None = None):
-        """Call CALLBACK(list[WatchEvent] | Exception) from etcd's watch thread."""
+        """Call CALLBACK(list[WatchEvent] | Exception) from etcd's watch thread.
+
+        Returns a handle for cancel_watch. A stream that ends for any reason
+        delivers one exception; after that, nothing more arrives.
+        """
         ep, sp, tp = self._k("e", ""), self._k("s", ""), self._k("t", "")
 
-        def on_response(resp):
-            if isinstance(resp, Exception):
-                callback(resp)
-                return
+        def decode(resp) -> list[WatchEvent]:
             events = []
             for ev in resp.events:
                 key = ev.key
@@ -405,16 +442,68 @@ class EtcdMeta:
                     events.append(WatchEvent("session", key[len(sp) :].decode(), None, value, rev))
                 elif key.startswith(tp) and value is not None:
                     events.append(WatchEvent("mtime", key[len(tp) :].decode(), None, value, rev))
-            callback(events)
+            return events
 
-        kwargs = {}
-        if start_revision:
-            kwargs["start_revision"] = start_revision
-        return self._call(self.client.add_watch_prefix_callback, self.prefix, on_response, **kwargs)
+        def on_response(resp):
+            if resp is None:
+                # pyetcd ends a stream that closed cleanly with None
+                resp = MetaUnavailable("etcd closed the watch stream")
+            elif isinstance(resp, grpc.RpcError):
+                resp = MetaUnavailable(f"watch stream: {_rpc_text(resp)}")
+            if not isinstance(resp, Exception):
+                try:
+                    resp = decode(resp)
+                except Exception as exc:
+                    # a key we cannot parse: better to re-read everything than
+                    # to drop the event silently inside pyetcd's thread
+                    resp = exc
+            callback(resp)
 
-    def cancel_watch(self, watch_id) -> None:
+        def create():
+            # A watcher of its own per watch (not the client's shared one,
+            # which pyetcd swaps out at a failover and never stops): its stream
+            # is ours to cancel, so a watch that failed or was given up leaves
+            # no stream and no thread behind.
+            label = self.client._current_endpoint_label
+            stream = _CancellableWatchStub(etcdrpc.WatchStub(self.client.channel))
+            watcher = pyetcd.watch.Watcher(
+                stream,
+                timeout=self.timeout,
+                call_credentials=self.client.call_credentials,
+                metadata=self.client.metadata,
+            )
+            kwargs = {"range_end": self._range_end(self.prefix)}
+            if start_revision:
+                kwargs["start_revision"] = start_revision
+            try:
+                wid = watcher.add_callback(self.prefix, on_response, **kwargs)
+            except BaseException as exc:
+                stream.cancel()
+                if isinstance(exc, etcd_exc.WatchTimedOut) or (
+                    isinstance(exc, grpc.RpcError)
+                    and exc.code()
+                    in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                ):
+                    # as pyetcd does for a failed unary call: the next attempt
+                    # goes to another member, if there is one
+                    ep_ = self.client.endpoints.get(label)
+                    if ep_ is not None:
+                        ep_.fail()
+                raise
+            return _WatchHandle(watcher, stream, wid)
+
         try:
-            self.client.cancel_watch(watch_id)
+            return self._call(create)
+        except MetaUnavailable as exc:
+            raise MetaUnavailable(f"cannot make the etcd watch: {exc}") from None
+        except etcd_exc.RevisionCompactedError as exc:
+            raise WatchCompacted(f"revision {start_revision} is compacted: {exc}") from None
+
+    def cancel_watch(self, handle) -> None:
+        """Stop a watch from watch(); never blocks, never raises."""
+        try:
+            handle.stream.cancel()
+            handle.watcher.close()
         except Exception:  # the stream may already be gone
             pass
 
@@ -423,6 +512,43 @@ class EtcdMeta:
             self.client.close()
         except Exception:
             pass
+
+
+class _CancellableWatchStub:
+    """A WatchStub that keeps its call, so that the stream can be cancelled.
+
+    pyetcd's Watcher only half-closes its stream, and etcd keeps a half-closed
+    watch stream open: without a cancel the stream and its thread live on."""
+
+    def __init__(self, stub):
+        self._stub = stub
+        self._lock = threading.Lock()
+        self._call = None
+        self._cancelled = False
+
+    def Watch(self, *args, **kwargs):  # noqa: N802 (gRPC's name)
+        call = self._stub.Watch(*args, **kwargs)
+        with self._lock:
+            self._call = call
+            if self._cancelled:
+                call.cancel()
+        return call
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._cancelled = True
+            if self._call is not None:
+                self._call.cancel()
+
+
+class _WatchHandle:
+    def __init__(self, watcher, stream: _CancellableWatchStub, watch_id):
+        self.watcher = watcher
+        self.stream = stream
+        self.watch_id = watch_id
+
+    def __repr__(self) -> str:
+        return f"<watch {self.watch_id}>"
 
 
 def _rpc_text(exc) -> str:
