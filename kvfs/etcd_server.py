@@ -1,10 +1,11 @@
 """A private single-node etcd for a kvfs that was given no --etcd."""
 
+import hashlib
 import logging
 import os
 import shutil
 import signal
-import socket
+import stat
 import subprocess
 import time
 
@@ -13,18 +14,57 @@ from .errors import KvfsError
 log = logging.getLogger(__name__)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# A unix socket's path is limited to 107 bytes, so the sockets cannot sit beside
+# a data directory of any depth; they go under a short directory of our own.
+RUN_DIR = "/run/kvfs"
+
+
+def socket_dir(data_dir: str) -> str:
+    """A directory only this user can enter, for the private etcd's sockets."""
+    if os.geteuid() == 0:
+        base = RUN_DIR
+    else:
+        base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/kvfs-{os.geteuid()}"
+    key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:16]
+    path = os.path.join(base, f"etcd-{key}")
+    _private_dir(base)
+    _private_dir(path)
+    return path
+
+
+def _private_dir(path: str) -> None:
+    """Make PATH (or accept it) only if it is ours and nobody else may enter it.
+
+    Whoever could enter it could connect to etcd, and whoever could write it
+    could swap the socket for one of their own."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise KvfsError(
+            f"{path} is not a directory owned by uid {os.geteuid()}: refusing to put the "
+            "private etcd's socket there"
+        )
+    if st.st_mode & 0o077:
+        os.chmod(path, 0o700)
 
 
 class PrivateEtcd:
+    """etcd for one mount, reachable only through unix sockets in a 0700 directory.
+
+    It holds the permission table of the filesystem (owners, modes): a TCP port,
+    even on loopback, would let any local user rewrite it. Connecting to a unix
+    socket needs search permission on its directory, which only our user has.
+    Both the client and the peer URL are sockets there, so etcd opens no port."""
+
     def __init__(self, data_dir: str, log_path: str | None = None):
         self.data_dir = data_dir
         self.log_path = log_path or os.path.join(os.path.dirname(data_dir), "etcd.log")
         self.proc: subprocess.Popen | None = None
         self.endpoint = ""
+        self.sock_dir = ""
 
     def start(self, timeout: float = 20.0) -> str:
         exe = shutil.which("etcd")
@@ -32,24 +72,34 @@ class PrivateEtcd:
             raise KvfsError("no etcd binary on PATH (apt-get install etcd-server), or pass --etcd")
         os.makedirs(self.data_dir, mode=0o700, exist_ok=True)
         self._stop_orphan()
-        client, peer = free_port(), free_port()
-        self.endpoint = f"127.0.0.1:{client}"
+        self.sock_dir = socket_dir(self.data_dir)
+        # etcd insists that every URL, a unix one too, has the form HOST:PORT, and
+        # makes the socket file under that name in its working directory
+        client, peer = "client.sock:0", "peer.sock:0"
+        for name in (client, peer):
+            try:
+                os.unlink(os.path.join(self.sock_dir, name))
+            except FileNotFoundError:
+                pass
+        client_path = os.path.join(self.sock_dir, client)
+        # what gRPC (and etcdctl as unix://PATH) dials
+        self.endpoint = f"unix:{client_path}"
         cmd = [
             exe,
             "--name",
             "kvfs",
             "--data-dir",
-            self.data_dir,
+            os.path.abspath(self.data_dir),
             "--listen-client-urls",
-            f"http://{self.endpoint}",
+            f"unix://{client}",
             "--advertise-client-urls",
-            f"http://{self.endpoint}",
+            f"unix://{client}",
             "--listen-peer-urls",
-            f"http://127.0.0.1:{peer}",
+            f"unix://{peer}",
             "--initial-advertise-peer-urls",
-            f"http://127.0.0.1:{peer}",
+            f"unix://{peer}",
             "--initial-cluster",
-            f"kvfs=http://127.0.0.1:{peer}",
+            f"kvfs=unix://{peer}",
             "--heartbeat-interval",
             "10",
             "--election-timeout",
@@ -59,12 +109,19 @@ class PrivateEtcd:
             "periodic",
             "--auto-compaction-retention",
             "1h",
-            # after a restart the member keeps its data but gets new ports
+            # a data directory from a version that used TCP ports remembers
+            # other peer URLs: start it as a new one-member cluster anyway
             "--force-new-cluster",
         ]
         logf = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
-            cmd, stdout=logf, stderr=logf, stdin=subprocess.DEVNULL, start_new_session=True
+            cmd,
+            stdout=logf,
+            stderr=logf,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            cwd=self.sock_dir,
+            umask=0o077,
         )
         logf.close()
         with open(self.pid_path, "w") as f:
@@ -75,14 +132,9 @@ class PrivateEtcd:
                 raise KvfsError(
                     f"private etcd exited with {self.proc.returncode}; see {self.log_path}"
                 )
-            try:
-                with socket.create_connection(("127.0.0.1", client), timeout=0.2):
-                    pass
-                if _healthy(self.endpoint):
-                    log.info("private etcd at %s (data in %s)", self.endpoint, self.data_dir)
-                    return self.endpoint
-            except OSError:
-                pass
+            if os.path.exists(client_path) and _healthy(self.endpoint):
+                log.info("private etcd at %s (data in %s)", self.endpoint, self.data_dir)
+                return self.endpoint
             time.sleep(0.05)
         self.stop()
         raise KvfsError(f"private etcd did not become healthy in {timeout}s; see {self.log_path}")
@@ -120,12 +172,23 @@ class PrivateEtcd:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        # the sockets go with the process; /run is a tmpfs, keep it tidy
+        if self.sock_dir:
+            for name in ("client.sock:0", "peer.sock:0"):
+                try:
+                    os.unlink(os.path.join(self.sock_dir, name))
+                except OSError:
+                    pass
+            try:
+                os.rmdir(self.sock_dir)
+            except OSError:
+                pass
 
 
 def _healthy(endpoint: str) -> bool:
     import pyetcd
 
-    host, _, port = endpoint.rpartition(":")
+    host, _, port = endpoint.rpartition(":")  # "unix:PATH:0" dials PATH:0 as is
     c = pyetcd.MultiEndpointEtcd3Client(
         endpoints=[pyetcd.Endpoint(host, int(port), secure=False)], timeout=1.0
     )
