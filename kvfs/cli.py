@@ -35,6 +35,9 @@ def _mount_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ttl", help="seconds an entry lives after its last mtime (default 86400)")
     p.add_argument("--cleanup-interval", help="seconds between expiry passes (default 3600)")
     p.add_argument("--capacity", help="bytes the store may hold (K/M/G suffixes); LRU eviction")
+    p.add_argument(
+        "--max-file-size", help="largest file (K/M/G/T suffixes; default 64G); beyond it EFBIG"
+    )
     p.add_argument("--state-dir", help="where the default store and logs live")
     p.add_argument("--etcd-prefix", help="key prefix in etcd (default /kvfs/)")
     p.add_argument("--etcd-ca-cert", help="CA certificate for etcd over TLS")
@@ -61,6 +64,7 @@ def _config_from(args):
         "ttl": args.ttl,
         "cleanup_interval": args.cleanup_interval,
         "capacity": args.capacity,
+        "max_file_size": args.max_file_size,
         "state_dir": args.state_dir,
         "etcd_prefix": args.etcd_prefix,
         "etcd_ca_cert": args.etcd_ca_cert,

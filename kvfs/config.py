@@ -26,6 +26,9 @@ class Config:
     ttl: float = 86400.0  # kv_expire_time
     cleanup_interval: float = 3600.0
     capacity: int | None = None
+    # the largest file: its per-block checksums (4 bytes a MiB) ride in one
+    # etcd value, which etcd caps at 1.5 MiB; 64 GiB keeps it near 350 KB
+    max_file_size: int = 64 << 30
     touch_on_read: bool = True
     touch_interval: float | None = None  # default: min(60 s, ttl / 4)
     state_dir: str = DEFAULT_STATE_DIR
@@ -91,7 +94,7 @@ def _coerce(name: str, value, where: str):
         if t.startswith("int"):
             if value is None:
                 return None
-            v = parse_size(value) if name == "capacity" else int(value)
+            v = parse_size(value) if name in ("capacity", "max_file_size") else int(value)
             if v < 0:
                 raise ValueError("must not be negative")
             return v

@@ -146,6 +146,11 @@ class EtcdMeta:
             self.stats["calls"] += 1
             try:
                 result = fn(*args, **kwargs)
+            except etcd_exc.PreconditionFailedError:
+                # pyetcd's name for gRPC's FAILED_PRECONDITION: a refusal, not
+                # an outage (it would otherwise escape as a foreign exception)
+                self.stats["errors"] += 1
+                raise KvfsError("etcd refused: failed precondition") from None
             except _TRANSIENT as exc:
                 if isinstance(exc, grpc.RpcError) and exc.code() in (
                     grpc.StatusCode.UNAUTHENTICATED,

@@ -55,11 +55,13 @@ class Namespace:
         capacity: int | None,
         ttl: float,
         node: str,
+        max_file_size: int = 64 << 30,
     ):
         self.meta = meta
         self.store = store
         self.cache = cache
         self.capacity = capacity
+        self.max_file_size = max_file_size
         self.ttl = ttl
         self.node = node
         self.meta_limiter = trio.CapacityLimiter(16)
@@ -345,6 +347,7 @@ class Namespace:
                 gid=gid,
                 xattrs=xattrs,
                 capacity=self.capacity,
+                max_size=self.max_file_size,
             )
 
         if getattr(self.store, "memory_backed", False):

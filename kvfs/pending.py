@@ -3,7 +3,9 @@
 The commit that publishes it is `Namespace.commit`.
 """
 
-from .errors import Corrupt, NoSpace
+import errno
+
+from .errors import Corrupt, KvfsError, NoSpace
 from .objects import HEADER_SIZE, BlockSums, block_checksum, check_blocks, new_object_key, sums_of
 from .store import Store
 
@@ -24,6 +26,7 @@ class PendingFile:
         gid: int,
         xattrs: dict | None = None,
         capacity: int | None = None,
+        max_size: int | None = None,
     ):
         self.store = store
         self.session = session
@@ -33,6 +36,7 @@ class PendingFile:
         self.gid = gid
         self.xattrs = dict(xattrs or {})
         self.capacity = capacity
+        self.max_size = max_size
         self.mtime_ns: int | None = None  # set by utimens before the commit
         self.version, self.key = new_object_key()
         self.writer = store.writer(self.key)
@@ -43,7 +47,16 @@ class PendingFile:
         # a failed write (ENOSPC, EIO) leaves a hole: such a version never commits
         self.failed: Exception | None = None
 
+    def _check_size(self, end: int) -> None:
+        if self.max_size is not None and end > self.max_size:
+            raise KvfsError(
+                f"{self.session}/{self.name}: {end} bytes exceed the largest file kvfs "
+                f"takes ({self.max_size}, --max-file-size)",
+                errno.EFBIG,
+            )
+
     def _check_room(self, end: int) -> None:
+        self._check_size(end)
         if self.capacity is not None and end > self.capacity:
             raise NoSpace(f"{self.session}/{self.name}: {end} bytes exceed the store capacity")
 
@@ -69,6 +82,7 @@ class PendingFile:
 
     def write(self, data, offset: int) -> int:
         end = offset + len(data)
+        self._check_size(end)  # refused before any byte moves: the version stays whole
         try:
             self._check_room(end)
             n = self.writer.pwrite(data, HEADER_SIZE + offset)

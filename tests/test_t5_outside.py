@@ -263,7 +263,6 @@ def test_rsync_a(kvfs_mount, tree):
     )
 
 
-@issue10("rsync -aX exits 23: fremovexattr(user.kvfs.*) on the temp file is EPERM")
 def test_rsync_ax(kvfs_mount, tree):
     if shutil.which("rsync") is None:
         pytest.fail("rsync is not installed (apt-get install rsync)")
@@ -304,7 +303,6 @@ def test_tar_x(kvfs_mount, tree, archive):
     bounded(copy_in, untar, tree, kvfs_mount.path / "s", False, timeout=120)
 
 
-@issue10("tar --xattrs creates each file with mknod(S_IFREG): EPERM")
 def test_tar_x_xattrs(kvfs_mount, tree, archive):
     def untar(s, d):
         d.mkdir()
@@ -324,7 +322,6 @@ def test_shutil_copytree(kvfs_mount, tree):
     )
 
 
-@issue10("rsync -aX inside the mount exits 23: fsetxattr(user.kvfs.*) is EPERM")
 def test_rsync_ax_within_the_mount(kvfs_mount, tree):
     if shutil.which("rsync") is None:
         pytest.fail("rsync is not installed (apt-get install rsync)")
@@ -338,9 +335,6 @@ def test_rsync_ax_within_the_mount(kvfs_mount, tree):
     bounded(job, timeout=120)
 
 
-@issue10(
-    "mv of a session prints \"setting attribute 'user.kvfs.size'...: Operation not permitted\""
-)
 def test_mv_session(kvfs_mount, tree):
     a, b = kvfs_mount.path / "a", kvfs_mount.path / "b"
 
@@ -539,7 +533,6 @@ def huge_pwrite(d: Path):
     return err, time.monotonic() - t0
 
 
-@issue10("pwrite at 2**40 is accepted and the close hangs for minutes (etcd value too big)")
 def test_huge_offset_is_efbig(kvfs_mount):
     err, took = bounded(huge_pwrite, kvfs_mount.path / "s", timeout=15)
     assert err == errno.EFBIG, f"pwrite at 2**40: errno {err}, want EFBIG"
@@ -558,7 +551,6 @@ def huge_truncate(d: Path):
     return err, time.monotonic() - t0
 
 
-@issue10("truncate to 16 TiB is EIO (the store's EFBIG), not EFBIG")
 def test_huge_truncate_is_efbig(kvfs_mount):
     err, took = bounded(huge_truncate, kvfs_mount.path / "s", timeout=15)
     assert err == errno.EFBIG, f"truncate to 16 TiB: errno {err}, want EFBIG"

@@ -378,7 +378,18 @@ class Operations(pyfuse3.Operations):
 
     @fuse_operation
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
+        if not stat.S_ISREG(mode):
+            raise NotPermitted("sessions hold regular files only")
+        # an empty regular file (tar --xattrs makes files this way): created
+        # and committed at once, as open(O_CREAT) then close would
+        parent = self._session_of(parent_inode)
+        fname = check_name(name)
+        if await self.ns.get_entry(parent.session, fname) is not None:
+            raise Exists(f"{parent.session}/{fname}")
+        fi, attr = await self.create(parent_inode, name, mode, os.O_WRONLY, ctx)
+        await self.release(fi.fh)
+        self.inodes.forget(attr.st_ino, 1)
+        return await self.lookup(parent_inode, name, ctx)
 
     @fuse_operation
     async def readlink(self, inode, ctx):
@@ -511,12 +522,15 @@ class Operations(pyfuse3.Operations):
             await self.control_fn(name[len(CONTROL) :].decode(), value)
             return
         key = check_xattr_name(name)
-        await self._change_xattrs(node, lambda x: x.__setitem__(key, bytes(value)))
+        if key is not None:
+            await self._change_xattrs(node, lambda x: x.__setitem__(key, bytes(value)))
 
     @fuse_operation
     async def removexattr(self, inode, name, ctx):
         node = self.inodes.get(inode)
         key = check_xattr_name(name)
+        if key is None:
+            return
 
         def drop(x):
             if key not in x:

@@ -15,13 +15,18 @@ CONTROL = b"user.kvfs.control."
 XATTR_NAME_MAX = 255
 
 
-def check_xattr_name(name: bytes) -> str:
-    """The settable user attribute NAME as str, else the errno setxattr(2) gives."""
+def check_xattr_name(name: bytes) -> str | None:
+    """The settable user attribute NAME as str; None for a computed one; else an errno.
+
+    Computed attributes (`user.kvfs.*`) are kvfs's to say: setting or
+    removing one changes nothing and is not an error, so that `cp -a`,
+    `mv` and `rsync -aX` can copy a file with its attributes.
+    """
     if len(name) > XATTR_NAME_MAX:
         raise pyfuse3.FUSEError(errno.ERANGE)
     key = name.decode("utf-8", "surrogateescape")
     if key.startswith(COMPUTED):
-        raise pyfuse3.FUSEError(errno.EPERM)  # computed by kvfs, read-only
+        return None
     if not key.startswith("user.") or key == "user.":
         raise pyfuse3.FUSEError(errno.ENOTSUP)
     return key
