@@ -12,7 +12,7 @@ fi
 
 need_apt=0
 # dpkg-source and patch build the private libfuse and pyfuse3 (below)
-for bin in fusermount3 pkg-config etcd etcdctl getfattr systemd-analyze gcc dpkg-source patch; do
+for bin in fusermount3 pkg-config etcd etcdctl getfattr systemd-analyze gcc dpkg-source patch fio rsync; do
     command -v "$bin" >/dev/null || need_apt=1
 done
 [ -f /usr/include/fuse3/fuse.h ] || need_apt=1
@@ -22,7 +22,7 @@ if [ "$need_apt" = 1 ]; then
     # etcd-server ships etcd 3.4 without starting a service: kvfs starts its own.
     apt-get install -y -qq --no-install-recommends \
         fuse3 libfuse3-dev pkg-config gcc attr etcd-server etcd-client systemd \
-        python3-venv dpkg-dev patch xz-utils >/dev/null
+        python3-venv dpkg-dev patch xz-utils fio rsync >/dev/null
 fi
 
 PY=${PYTHON:-python3}
