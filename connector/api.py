@@ -17,15 +17,17 @@ same chunk files the vLLM connector writes, under keys of their own.
 from __future__ import annotations
 
 import enum
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from .chunkfile import DTYPES, ChunkError, ChunkFile, encode_tokens, write_chunk
-from .keys import FORMAT, KeySpace, chain_root, derived_session, token_chain, valid_session
+from .cachedir import CacheDir, NotMounted
+from .chunkfile import DTYPES, ChunkError, chunk_metadata
+from .counters import Counters
+from .keys import KeySpace, chain_root, derived_session, token_chain, valid_session
+from .settings import as_flag, as_mode
 
 
 class StoreStatus(enum.Enum):
@@ -58,6 +60,9 @@ class EngineConfig:
     tp_rank: int = 0
     tp_size: int = 1
     verify_checksum: bool = True
+    require_kvfs: bool = True  # refuse a mount path that is not a live kvfs mount
+    file_mode: int = 0o600  # chunk files hold prompts: private unless shared on purpose
+    dir_mode: int = 0o700
 
     @classmethod
     def from_any(cls, config: Any = None, **overrides) -> EngineConfig:
@@ -71,6 +76,12 @@ class EngineConfig:
         if "storage_dir" in data and "mount" not in data:  # the original's key
             data["mount"] = data["storage_dir"]
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        for k in ("verify_checksum", "require_kvfs"):
+            if k in known:
+                known[k] = as_flag(known[k], k)
+        for k in ("file_mode", "dir_mode"):
+            if k in known:
+                known[k] = as_mode(known[k], k)
         cfg = cls(**known)
         if not cfg.model_id or cfg.num_layers <= 0:
             raise ValueError("init_engine needs model_id and num_layers")
@@ -94,6 +105,14 @@ class KVEngine:
             tp_size=config.tp_size,
         )
         self.layer_names = [f"layer.{i}" for i in range(config.num_layers)]
+        self.counters = Counters()
+        self.cache = CacheDir(
+            config.mount,
+            require_kvfs=config.require_kvfs,
+            file_mode=config.file_mode,
+            dir_mode=config.dir_mode,
+            counters=self.counters,
+        )
 
     # -- names -------------------------------------------------------------------
 
@@ -104,32 +123,14 @@ class KVEngine:
             return session
         return derived_session(self.config.model_id, links[0]) if links else None
 
-    def _path(self, session: str, index: int, link: bytes) -> str:
-        return os.path.join(self.config.mount, session, self.space.file_name(index, link))
-
-    def _expected(self, index: int, links: list[bytes], root: bytes) -> dict[str, str]:
-        s = self.space
-        return {
-            "format": FORMAT,
-            "key": s.file_key(links[index]),
-            "model": s.model,
-            "dtype": s.dtype,
-            "layout": s.layout,
-            "chunk_tokens": str(s.chunk_size),
-            "tp_rank": str(s.tp_rank),
-            "tp_size": str(s.tp_size),
-            "pp_rank": "0",
-            "pp_size": "1",
-            "link": links[index].hex(),
-            "parent": (links[index - 1] if index else root).hex(),
-        }
-
     def cached_tokens(self, token_ids: Sequence[int], session: str | None = None) -> int:
         """How many leading tokens have chunk files (not yet validated)."""
         links = token_chain(list(token_ids), self.config.chunk_size)
         name = self._session(links, session)
+        if name is None or not self.cache.live():
+            return 0
         n = 0
-        while n < len(links) and os.path.exists(self._path(name, n, links[n])):
+        while n < len(links) and self.cache.exists(name, self.space.file_name(n, links[n])):
             n += 1
         return n * self.config.chunk_size
 
@@ -137,7 +138,8 @@ class KVEngine:
 
     def should_store(self, token_ids: Sequence[int], session: str | None = None) -> StoreStatus:
         whole = len(token_ids) // self.config.chunk_size * self.config.chunk_size
-        if whole and self.cached_tokens(token_ids, session) < whole:
+        # Off a live mount nothing would be written: not worth preparing KV for.
+        if whole and self.cache.live() and self.cached_tokens(token_ids, session) < whole:
             return StoreStatus.STORED
         return StoreStatus.SKIPPED
 
@@ -163,11 +165,10 @@ class KVEngine:
         if name is None:
             return 0
         root = chain_root()
-        os.makedirs(os.path.join(cfg.mount, name), exist_ok=True)
         written = 0
         for i, link in enumerate(links):
-            path = self._path(name, i, link)
-            if os.path.exists(path):
+            file_name = self.space.file_name(i, link)
+            if self.cache.exists(name, file_name):
                 continue
             start = i * cfg.chunk_size
             tensors = {
@@ -177,17 +178,15 @@ class KVEngine:
             for t in tensors.values():
                 if str(t.dtype).removeprefix("torch.") != cfg.dtype:
                     raise ValueError(f"tensor dtype {t.dtype}, engine dtype {cfg.dtype}")
-            meta = self._expected(i, links, root)
-            meta.update(
-                session=name,
-                chunk_index=str(i),
-                start=str(start),
-                end=str(start + cfg.chunk_size),
-                layers=",".join(self.layer_names),
-                tokens=encode_tokens(ids[start : start + cfg.chunk_size]),
-            )
-            write_chunk(path, tensors, meta)
-            written += cfg.chunk_size
+            parent = links[i - 1] if i else root
+            tokens = ids[start : start + cfg.chunk_size]
+            meta = chunk_metadata(self.space, name, i, link, parent, tokens, self.layer_names)
+            try:
+                n = self.cache.write(name, file_name, tensors, meta)
+            except NotMounted:
+                break  # counted; nothing is written outside a live mount
+            if n is not None:
+                written += cfg.chunk_size
         return written
 
     def should_retrieve(self, token_ids: Sequence[int], session: str | None = None):
@@ -213,13 +212,15 @@ class KVEngine:
         links = token_chain(ids, cfg.chunk_size)
         name = self._session(links, session)
         root = chain_root()
+        if name is None or not self.cache.live():
+            return miss
         per_layer: list[list[torch.Tensor]] = [[] for _ in self.layer_names]
         errors: list[str] = []
         shape = None
         for i, link in enumerate(links):
             try:
-                with ChunkFile(self._path(name, i, link)) as f:
-                    f.expect(self._expected(i, links, root))
+                with self.cache.open(name, self.space.file_name(i, link)) as f:
+                    f.expect(self.space.header(link, links[i - 1] if i else root))
                     layers = [f.read_tensor(n, cfg.verify_checksum) for n in self.layer_names]
             except ChunkError as e:
                 if e.reason != "missing":

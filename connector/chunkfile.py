@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from .keys import KeySpace, token_bytes
+
 DTYPE_NAMES = {
     torch.float32: "F32",
     torch.float16: "F16",
@@ -51,14 +53,37 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 
 def encode_tokens(token_ids) -> str:
-    from .keys import token_bytes
-
     return base64.b64encode(token_bytes(token_ids)).decode()
 
 
 def decode_tokens(s: str) -> list[int]:
     raw = base64.b64decode(s)
     return list(struct.unpack(f"<{len(raw) // 8}q", raw))
+
+
+def chunk_metadata(
+    space: KeySpace,
+    session: str,
+    index: int,
+    link: bytes,
+    parent: bytes,
+    tokens: list[int],
+    layers: list[str],
+) -> dict[str, str]:
+    """The whole header of a new chunk file: what a load expects (the key
+    space's fields) plus what makes the file self-describing for a person and
+    for `kvfs recover`."""
+    start = index * space.chunk_size
+    meta = space.header(link, parent)
+    meta.update(
+        session=session,
+        chunk_index=str(index),
+        start=str(start),
+        end=str(start + len(tokens)),
+        layers=",".join(layers),
+        tokens=encode_tokens(tokens),
+    )
+    return meta
 
 
 def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
@@ -78,11 +103,17 @@ def build_header(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str
     return struct.pack("<Q", len(blob)) + blob
 
 
-def write_chunk(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> int:
+def write_chunk(
+    path: str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    mode: int = 0o600,
+) -> int:
     """Write `tensors` (contiguous, on the CPU) and `metadata` to `path`.
 
     Adds `crc32.<name>` for every tensor. The file is written with one open and
-    one close: on kvfs it appears whole at close, never half-written.
+    one close: on kvfs it appears whole at close, never half-written. A new
+    file gets `mode`: private by default, as it holds the prompt.
     Returns the number of bytes written.
     """
     meta = dict(metadata)
@@ -92,8 +123,10 @@ def write_chunk(path: str, tensors: Mapping[str, torch.Tensor], metadata: Mappin
         meta[f"crc32.{name}"] = f"{zlib.crc32(mv):08x}"
         views.append(mv)
     header = build_header(tensors, meta)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
+        if mode & 0o077:  # shared on purpose: the umask must not undo it
+            os.fchmod(fd, mode)
         total = len(header) + sum(v.nbytes for v in views)
         done = os.writev(fd, [header, *views])
         if done != total:  # short write: finish with plain writes

@@ -88,6 +88,24 @@ class KeySpace:
         ]
         return _h(*(p.encode() for p in parts))
 
+    def header(self, link: bytes, parent: bytes) -> dict[str, str]:
+        """Header fields a chunk file must carry to be loaded as the chunk
+        `link` (following `parent`) of this key space."""
+        return {
+            "format": FORMAT,
+            "key": self.file_key(link),
+            "model": self.model,
+            "dtype": self.dtype,
+            "layout": self.layout,
+            "chunk_tokens": str(self.chunk_size),
+            "tp_rank": str(self.tp_rank),
+            "tp_size": str(self.tp_size),
+            "pp_rank": str(self.pp_rank),
+            "pp_size": str(self.pp_size),
+            "link": link.hex(),
+            "parent": parent.hex(),
+        }
+
     def rank_tag(self) -> str:
         tag = f"tp{self.tp_rank}"
         if self.pp_size > 1:

@@ -1,20 +1,42 @@
 """Scheduler side: find the longest cached prefix of each prompt, plan loads and saves.
 
 The scheduler never reads KV. It hashes each prompt into chunk links, checks
-which chunk files exist under the request's session (for every parallel
-rank), and tells the workers, step by step, which chunks to load into which
-blocks and which newly computed chunks to save.
+(off the scheduler thread) which chunk files exist under the request's session
+for every parallel rank, and tells the workers, step by step, which chunks to
+load into which blocks and which newly computed chunks to save. It knows
+requests only as plain `PromptInfo`; the vLLM facade translates.
 """
 
 from __future__ import annotations
 
-import os
+import logging
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
+from .cachedir import CacheDir
+from .counters import Counters
+from .fingerprint import weights_fingerprint
 from .keys import KeySpace, chain, chain_root, derived_session, token_chain, valid_session
 from .plan import ChunkOp, StepPlan
-from .settings import Settings
-from .stats import Counters
+from .settings import RequestOptions, Settings
+
+# How long the scheduler thread waits for a lookup before telling vLLM to ask
+# again next step: long enough for a few stats of cached names, short enough
+# that a slow mount (names not cached, etcd far away) never stalls scheduling.
+LOOKUP_WAIT_SECONDS = 0.001
+
+
+@dataclass
+class PromptInfo:
+    """What the scheduler needs to know of a request, as plain data."""
+
+    req_id: str
+    token_ids: list[int] | None  # None: no token ids to key the KV by (prompt embeddings)
+    params: dict | None = None  # the request's kv_transfer_params
+    lora: tuple[str, str] | None = None  # a LoRA adapter's (name, local path)
+    extra: list[str] = field(default_factory=list)  # other inputs that shape the KV
 
 
 @dataclass
@@ -31,7 +53,6 @@ class _Req:
     loadable: int
     tail_tokens: int
     tail_link: bytes
-    hit_end: int = 0  # tokens [0, hit_end) are in the cache, as last looked up
     local: int = 0  # tokens vLLM had in its own prefix cache, as last looked up
     saved_chunks: int = 0  # chunks [0, saved_chunks) are stored or being stored
     tail_saved: bool = False
@@ -51,51 +72,74 @@ class _Req:
         return self.repair_from is not None and index >= self.repair_from
 
 
-def request_options(params: dict | None) -> tuple[str | None, bool, bool]:
-    """(session, load, store) from a request's kv_transfer_params."""
-    params = params or {}
-    return (
-        params.get("kvfs_session"),
-        bool(params.get("kvfs_load", True)),
-        bool(params.get("kvfs_store", True)),
-    )
+@dataclass
+class _Lookup:
+    """A lookup in flight: its state (new, or the request's) and the tokens
+    [0, hit_end) found cached, scanning from `start`."""
+
+    start: int
+    future: Future  # of (_Req | None, hit_end)
 
 
 class SchedulerSide:
-    def __init__(self, settings: Settings, spaces: list[KeySpace], block_size: int, log):
+    def __init__(
+        self,
+        settings: Settings,
+        spaces: list[KeySpace],
+        block_size: int,
+        log: logging.Logger,
+        cache: CacheDir | None = None,
+    ):
         self.settings = settings
         self.spaces = spaces  # one per (tp, pp) rank; files of all must exist for a hit
         self.chunk = spaces[0].chunk_size
         self.block_size = block_size
         self.log = log
         self.stats = Counters()
-        self._reqs: dict[str, _Req] = {}
-        self._kv_cache_manager = None
+        self.cache = cache or CacheDir(
+            settings.mount, require_kvfs=settings.require_kvfs, counters=self.stats, log=log
+        )
+        self._reqs: dict[str, _Req | None] = {}  # None: a request the cache cannot serve
+        self._lookups: dict[str, _Lookup] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvfs-lookup")
+        self._block_ids_of: Callable[[str], list[int]] = lambda req_id: []
+        self._unresolved_lora: set[str] = set()
 
-    def bind(self, kv_cache_manager) -> None:
-        self._kv_cache_manager = kv_cache_manager
+    def bind(self, block_ids_of: Callable[[str], list[int]]) -> None:
+        """How to find a request's blocks (vLLM's KV cache manager knows)."""
+        self._block_ids_of = block_ids_of
 
-    # -- lookups ---------------------------------------------------------------
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True)
 
-    def _state(self, request) -> _Req | None:
-        st = self._reqs.get(request.request_id)
-        if st is not None:
-            return st
-        prompt = request.prompt_token_ids
-        if prompt is None or getattr(request, "prompt_embeds", None) is not None:
-            return None  # no token ids to key the KV by
-        session, load, store = request_options(request.kv_transfer_params)
-        extra = []
-        if getattr(request, "lora_request", None) is not None:
-            extra.append(f"lora={request.lora_request.lora_name}")
-        for f in getattr(request, "mm_features", None) or []:
-            extra.append(f"mm={f.identifier}")
-        if getattr(request, "cache_salt", None):
-            extra.append(f"salt={request.cache_salt}")
-        prompt = list(prompt)
+    # -- lookups (the work runs on the lookup thread) -----------------------------
+
+    def _new_state(self, info: PromptInfo) -> _Req | None:
+        if info.token_ids is None:
+            return None
+        opts, problems = RequestOptions.parse(info.params)
+        for p in problems:
+            self.log.warning("kvfs: request %s: %s; the default is used", info.req_id, p)
+        extra = list(info.extra)
+        if info.lora is not None:
+            name, path = info.lora
+            fingerprint = weights_fingerprint(path)
+            if fingerprint is None:
+                # Not knowing the weights, the KV cannot be keyed safely.
+                if path not in self._unresolved_lora:
+                    self._unresolved_lora.add(path)
+                    self.log.warning(
+                        "kvfs: LoRA adapter %s: no weight files at %r, its requests are not cached",
+                        name,
+                        path,
+                    )
+                return None
+            extra.insert(0, f"lora={fingerprint}")
+        prompt = list(info.token_ids)
         links = token_chain(prompt, self.chunk, extra)
+        session = opts.session
         if session is not None and not valid_session(session):
-            self.log.warning("kvfs: request %s: bad session name %r", request.request_id, session)
+            self.log.warning("kvfs: request %s: bad session name %r", info.req_id, session)
             session = None
         if session is None:
             if not links:
@@ -107,39 +151,75 @@ class SchedulerSide:
         start = loadable * self.chunk
         parent = links[loadable - 1] if loadable else root
         tail_link = chain(parent, prompt[start : start + tail]) if tail else b""
-        st = _Req(session, prompt, links, root, store, load, loadable, tail, tail_link)
-        self._reqs[request.request_id] = st
-        return st
+        return _Req(session, prompt, links, root, opts.store, opts.load, loadable, tail, tail_link)
 
     def _exists(self, st: _Req, index: int, link: bytes, num_tokens: int = 0) -> bool:
-        d = os.path.join(self.settings.mount, st.session)
         return all(
-            os.path.exists(os.path.join(d, s.file_name(index, link, num_tokens)))
-            for s in self.spaces
+            self.cache.exists(st.session, s.file_name(index, link, num_tokens)) for s in self.spaces
         )
 
-    def get_num_new_matched_tokens(self, request, num_computed_tokens: int) -> tuple[int, bool]:
-        st = self._state(request)
-        if st is None or not st.load:
-            return 0, False
-        i = num_computed_tokens // self.chunk
+    def _hit_end(self, st: _Req, start: int) -> int:
+        """Tokens [0, end) cached for every rank, scanning chunks from `start`'s."""
+        if not st.load or not self.cache.live():
+            return 0
+        i = start // self.chunk
         while i < st.loadable and self._exists(st, i, st.links[i]):
             i += 1
-        st.hit_end = i * self.chunk
-        if i == st.loadable and num_computed_tokens < i * self.chunk + st.tail_tokens:
+        end = i * self.chunk
+        if i == st.loadable and start < end + st.tail_tokens:
             if self._exists(st, i, st.tail_link, st.tail_tokens):
-                st.hit_end += st.tail_tokens
-        st.local = num_computed_tokens
-        return max(0, st.hit_end - num_computed_tokens), False
+                end += st.tail_tokens
+        return end
 
-    def update_state_after_alloc(self, request, blocks, num_external_tokens: int) -> None:
-        st = self._reqs.get(request.request_id)
+    def _lookup(self, st: _Req | None, info: PromptInfo | None, start: int):
+        if st is None and info is not None:
+            st = self._new_state(info)
+        return st, (self._hit_end(st, start) if st is not None else 0)
+
+    # -- vLLM's questions (on the scheduler thread) --------------------------------
+
+    def get_num_new_matched_tokens(
+        self, req_id: str, num_computed_tokens: int, describe: Callable[[], PromptInfo]
+    ) -> tuple[int | None, bool]:
+        """Tokens beyond `num_computed_tokens` the cache can supply, or None
+        while the chunk files are still being checked (vLLM asks again)."""
+        if req_id in self._reqs:
+            st = self._reqs[req_id]
+            if st is None or not st.load:
+                return 0, False
+        look = self._lookups.get(req_id)
+        if look is None or look.start > num_computed_tokens:
+            st = self._reqs.get(req_id)
+            info = describe() if req_id not in self._reqs else None
+            future = self._pool.submit(self._lookup, st, info, num_computed_tokens)
+            look = self._lookups[req_id] = _Lookup(num_computed_tokens, future)
+            try:
+                look.future.result(timeout=LOOKUP_WAIT_SECONDS)
+            except FutureTimeout:
+                self.stats.add("lookups_deferred", 1)
+                return None, False
+        elif not look.future.done():
+            return None, False
+        # A result is used once: should the request not be allocated now, the
+        # next call looks again rather than trust files that may be gone.
+        del self._lookups[req_id]
+        st, hit_end = look.future.result()
+        self._reqs[req_id] = st
+        if st is None:
+            return 0, False
+        st.local = num_computed_tokens
+        return max(0, hit_end - num_computed_tokens), False
+
+    def update_state_after_alloc(
+        self, req_id: str, block_ids: list[int], num_external_tokens: int
+    ) -> None:
+        st = self._reqs.get(req_id)
         if st is None:
             return
         local = st.local
         if num_external_tokens > 0:
             end = local + num_external_tokens
-            st.block_ids = list(blocks.get_block_ids()[0])
+            st.block_ids = list(block_ids)
             st.pending_load = (local, num_external_tokens)
             st.saved_chunks = max(st.saved_chunks, end // self.chunk)
             if end % self.chunk:
@@ -154,7 +234,7 @@ class SchedulerSide:
             self.log.info(
                 "kvfs: request %s session %s: %d prompt tokens, %d hit in the cache "
                 "(%d files), %d cached locally, %d to compute",
-                request.request_id,
+                req_id,
                 st.session,
                 len(st.prompt),
                 st.hit_tokens,
@@ -182,12 +262,10 @@ class SchedulerSide:
             **kw,
         )
 
-    def build_plan(self, scheduler_output) -> StepPlan:
-        plan = StepPlan(finished=sorted(scheduler_output.finished_req_ids or ()))
-        bs = self.block_size
-        per_chunk = self.chunk // bs
+    def _plan_loads(self, plan: StepPlan) -> None:
+        bs, per_chunk = self.block_size, self.chunk // self.block_size
         for req_id, st in self._reqs.items():
-            if st.pending_load is None:
+            if st is None or st.pending_load is None:
                 continue
             local, external = st.pending_load
             st.pending_load = None
@@ -200,40 +278,41 @@ class SchedulerSide:
                 skip = max(0, local // bs - i * per_chunk)
                 plan.loads.append(self._op(req_id, st, i, st.block_ids, True, skip_blocks=skip))
 
-        computed: dict[str, int] = {}
-        for new in scheduler_output.scheduled_new_reqs:
-            computed[new.req_id] = new.num_computed_tokens
-        cached = scheduler_output.scheduled_cached_reqs
-        for req_id, n in zip(cached.req_ids, cached.num_computed_tokens, strict=False):
-            computed[req_id] = n
-        for req_id, before in computed.items():
+    def _plan_saves(self, plan: StepPlan, req_id: str, st: _Req, after: int) -> None:
+        """Save the chunks that `after` computed tokens complete, and no more."""
+        bs, per_chunk = self.block_size, self.chunk // self.block_size
+        done = after // self.chunk
+        tail_done = (
+            st.tail_tokens
+            and not st.tail_saved
+            and after >= st.loadable * self.chunk + st.tail_tokens
+        )
+        if done <= st.saved_chunks and not tail_done:
+            return
+        block_ids = self._block_ids_of(req_id)
+        for i in range(st.saved_chunks, done):
+            op = self._op(req_id, st, i, block_ids, False, with_tokens=True, repair=st.repairs(i))
+            if len(op.block_ids) == per_chunk:
+                plan.saves.append(op)
+        st.saved_chunks = max(st.saved_chunks, done)
+        if tail_done:
+            i = st.loadable
+            op = self._op(req_id, st, i, block_ids, True, with_tokens=True, repair=st.repairs(i))
+            if len(op.block_ids) * bs == st.tail_tokens:
+                plan.saves.append(op)
+            st.tail_saved = True
+
+    def build_plan(
+        self, progress: dict[str, tuple[int, int]], finished: Iterable[str] = ()
+    ) -> StepPlan:
+        """The step's plan; `progress` maps each scheduled request to (tokens
+        computed before this step, tokens scheduled in it)."""
+        plan = StepPlan(finished=sorted(finished))
+        self._plan_loads(plan)
+        for req_id, (before, scheduled) in progress.items():
             st = self._reqs.get(req_id)
-            if st is None or not st.store:
-                continue
-            after = min(
-                before + scheduler_output.num_scheduled_tokens.get(req_id, 0), len(st.prompt)
-            )
-            done = after // self.chunk
-            tail_done = (
-                st.tail_tokens
-                and not st.tail_saved
-                and after >= st.loadable * self.chunk + st.tail_tokens
-            )
-            if done <= st.saved_chunks and not tail_done:
-                continue
-            block_ids = self._block_ids(req_id)
-            for i in range(st.saved_chunks, done):
-                op = self._op(req_id, st, i, block_ids, False, with_tokens=True)
-                op.repair = st.repairs(i)
-                if len(op.block_ids) == per_chunk:
-                    plan.saves.append(op)
-            st.saved_chunks = max(st.saved_chunks, done)
-            if tail_done:
-                op = self._op(req_id, st, st.loadable, block_ids, True, with_tokens=True)
-                op.repair = st.repairs(st.loadable)
-                if len(op.block_ids) * bs == st.tail_tokens:
-                    plan.saves.append(op)
-                st.tail_saved = True
+            if st is not None and st.store:
+                self._plan_saves(plan, req_id, st, min(before + scheduled, len(st.prompt)))
         return plan
 
     def update_connector_output(self, invalid_block_ids: set[int] | None) -> None:
@@ -245,7 +324,7 @@ class SchedulerSide:
             return
         per_chunk = self.chunk // self.block_size
         for st in self._reqs.values():
-            if not st.block_ids or invalid_block_ids.isdisjoint(st.block_ids):
+            if st is None or not st.block_ids or invalid_block_ids.isdisjoint(st.block_ids):
                 continue
             first = next(j for j, b in enumerate(st.block_ids) if b in invalid_block_ids)
             chunk = first // per_chunk
@@ -259,13 +338,9 @@ class SchedulerSide:
             st.saved_chunks = min(st.saved_chunks, chunk)
             st.tail_saved = False
 
-    def _block_ids(self, req_id: str) -> list[int]:
-        if self._kv_cache_manager is None:
-            return []
-        return list(self._kv_cache_manager.get_block_ids(req_id)[0])
-
-    def request_finished(self, request) -> dict | None:
-        st = self._reqs.pop(request.request_id, None)
+    def request_finished(self, req_id: str) -> dict | None:
+        self._lookups.pop(req_id, None)  # a lookup still running is dropped on arrival
+        st = self._reqs.pop(req_id, None)
         if st is None:
             return None
         return {

@@ -1,13 +1,36 @@
-"""The connector's settings (`kv_connector_extra_config`) and the key spaces they imply."""
+"""The connector's settings (`kv_connector_extra_config`) and per-request options."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
-from .keys import KeySpace
-
 DEFAULT_CHUNK_TOKENS = 64
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+def as_flag(value: Any, name: str) -> bool:
+    """A boolean from JSON, a form or an environment: the string "false" is
+    false (Python's bool() says true for any non-empty string)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return value != 0
+    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+        return value.strip().lower() in _TRUE
+    raise ValueError(f"{name} must be true or false, not {value!r}")
+
+
+def as_mode(value: Any, name: str) -> int:
+    """Permission bits given as an int (416) or an octal string ("0640")."""
+    try:
+        mode = int(value, 8) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{name} must be permission bits like "0600", not {value!r}') from None
+    if not 0 <= mode <= 0o777:
+        raise ValueError(f'{name} must be permission bits like "0600", not {value!r}')
+    return mode
 
 
 @dataclass(frozen=True)
@@ -21,10 +44,27 @@ class Settings:
     max_pending_save_bytes: int = 1 << 30  # beyond this, new saves are dropped, not waited for
     staging_bytes: int = 128 << 20  # warm host buffers kept for copying chunks out
     load_failure_policy: str = "recompute"  # what vLLM does after a failed load
+    # Refuse a mount path that is not a live kvfs mount: after the daemon dies
+    # it is a bare directory on the root filesystem. Off only for benchmarks
+    # and tests that use a plain directory on purpose.
+    require_kvfs: bool = True
+    # Chunk files hold token ids and KV that can be inverted to text: private
+    # to the serving user unless an operator shares them.
+    file_mode: int = 0o600
+    dir_mode: int = 0o700
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any]) -> Settings:
-        known = {k: v for k, v in extra.items() if k in cls.__dataclass_fields__}
+        known = {}
+        for f in fields(cls):
+            if f.name not in extra:
+                continue
+            value = extra[f.name]
+            if f.type == "bool":
+                value = as_flag(value, f.name)
+            elif f.name.endswith("_mode"):
+                value = as_mode(value, f.name)
+            known[f.name] = value
         s = cls(**known)
         if s.load_failure_policy not in ("recompute", "fail"):
             raise ValueError("load_failure_policy must be 'recompute' or 'fail'")
@@ -39,38 +79,24 @@ def chunk_tokens(settings: Settings, block_size: int) -> int:
     return max(block_size, want // block_size * block_size)
 
 
-def vllm_key_space(vllm_config, settings: Settings, tp_rank: int, pp_rank: int) -> KeySpace:
-    """The key space of one rank, computed from the configuration alone, so the
-    scheduler (which never sees the tensors) and the workers agree on names."""
-    from vllm.platforms import current_platform
+@dataclass(frozen=True)
+class RequestOptions:
+    """A request's `kv_transfer_params` as the connector reads them."""
 
-    mc = vllm_config.model_config
-    pc = vllm_config.parallel_config
-    cc = vllm_config.cache_config
-    if cc.cache_dtype in (None, "auto"):
-        dtype = str(mc.dtype).removeprefix("torch.")
-    else:
-        dtype = str(cc.cache_dtype)
-    block_size = cc.block_size
-    layout = (
-        f"vllm:{current_platform.device_type}:BHNC:block{block_size}"
-        f":kvheads{mc.get_num_kv_heads(pc)}:head{mc.get_head_size()}"
-    )
-    model = settings.model_id or mc.model
-    extra = []
-    if getattr(mc, "revision", None):
-        extra.append(("revision", str(mc.revision)))
-    if getattr(mc, "quantization", None):
-        extra.append(("quantization", str(mc.quantization)))
-    return KeySpace(
-        model=model,
-        dtype=dtype,
-        layout=layout,
-        chunk_size=chunk_tokens(settings, block_size),
-        num_layers=mc.get_num_layers(pc),
-        tp_rank=tp_rank,
-        tp_size=pc.tensor_parallel_size,
-        pp_rank=pp_rank,
-        pp_size=pc.pipeline_parallel_size,
-        extra=tuple(extra),
-    )
+    session: str | None = None
+    load: bool = True
+    store: bool = True
+
+    @classmethod
+    def parse(cls, params: dict | None) -> tuple[RequestOptions, list[str]]:
+        """The options, and what was wrong with them: a request's bad value
+        falls back to the default, never an error inside the engine."""
+        params = params or {}
+        problems = []
+        flags = {}
+        for key, name in (("kvfs_load", "load"), ("kvfs_store", "store")):
+            try:
+                flags[name] = as_flag(params.get(key, True), key)
+            except ValueError as e:
+                problems.append(str(e))
+        return cls(session=params.get("kvfs_session"), **flags), problems

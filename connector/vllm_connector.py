@@ -1,4 +1,4 @@
-"""KVFSConnector: the vLLM V1 connector facade; the work is in scheduler.py and worker.py."""
+"""KVFSConnector: the vLLM V1 facade; it translates vLLM's objects and forwards to the core."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.utils import get_pp_indices
 from vllm.logger import init_logger
 
+from .keys import KeySpace
 from .plan import StepPlan
-from .scheduler import SchedulerSide
-from .settings import Settings, vllm_key_space
-from .stats import KVFSStats
+from .scheduler import PromptInfo, SchedulerSide
+from .settings import Settings, chunk_tokens
 from .worker import WorkerSide
 
 if TYPE_CHECKING:
@@ -32,6 +34,89 @@ logger = init_logger("vllm." + __name__)
 
 class KVFSConnectorMetadata(KVConnectorMetadata, StepPlan):
     """The step plan, as the metadata type vLLM passes from scheduler to workers."""
+
+
+class KVFSStats(KVConnectorStats):
+    """Sums of the counters in counters.FIELDS over an interval."""
+
+    def __init__(self, data: dict[str, Any] | None = None):
+        super().__init__(data=dict(data or {}))
+
+    def reset(self) -> None:
+        self.data = {}
+
+    def aggregate(self, other: KVConnectorStats) -> KVFSStats:
+        for k, v in (other.data or {}).items():
+            if isinstance(v, int | float):
+                self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {k: round(v, 6) if isinstance(v, float) else v for k, v in self.data.items()}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+def vllm_key_space(vllm_config: VllmConfig, settings: Settings, tp_rank: int, pp_rank: int):
+    """The key space of one rank, computed from the configuration alone, so the
+    scheduler (which never sees the tensors) and every worker agree on names.
+    A rank's layers come from vLLM's own split for that rank (get_pp_indices),
+    never from the calling process's rank: with an uneven split the ranks hold
+    different numbers of layers."""
+    from vllm.platforms import current_platform
+
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    cc = vllm_config.cache_config
+    if cc.cache_dtype in (None, "auto"):
+        dtype = str(mc.dtype).removeprefix("torch.")
+    else:
+        dtype = str(cc.cache_dtype)
+    block_size = cc.block_size
+    layout = (
+        f"vllm:{current_platform.device_type}:BHNC:block{block_size}"
+        f":kvheads{mc.get_num_kv_heads(pc)}:head{mc.get_head_size()}"
+    )
+    pp_size = pc.pipeline_parallel_size
+    first, end = get_pp_indices(mc.get_total_num_hidden_layers(), pp_rank, pp_size)
+    extra = []
+    if getattr(mc, "revision", None):
+        extra.append(("revision", str(mc.revision)))
+    if getattr(mc, "quantization", None):
+        extra.append(("quantization", str(mc.quantization)))
+    if pp_size > 1:  # two splits can give a rank as many layers, but not the same ones
+        extra.append(("layers", f"{first}-{end}"))
+    return KeySpace(
+        model=settings.model_id or mc.model,
+        dtype=dtype,
+        layout=layout,
+        chunk_size=chunk_tokens(settings, block_size),
+        num_layers=end - first,
+        tp_rank=tp_rank,
+        tp_size=pc.tensor_parallel_size,
+        pp_rank=pp_rank,
+        pp_size=pp_size,
+        extra=tuple(extra),
+    )
+
+
+def prompt_info(request: Request) -> PromptInfo:
+    """What the scheduler core needs of a vLLM request."""
+    tokens = request.prompt_token_ids
+    if getattr(request, "prompt_embeds", None) is not None:
+        tokens = None  # no token ids to key the KV by
+    lora = request.lora_request
+    extra = [f"mm={f.identifier}" for f in getattr(request, "mm_features", None) or []]
+    if getattr(request, "cache_salt", None):
+        extra.append(f"salt={request.cache_salt}")
+    return PromptInfo(
+        req_id=request.request_id,
+        token_ids=tokens,
+        params=request.kv_transfer_params,
+        lora=(lora.lora_name, lora.lora_path) if lora is not None else None,
+        extra=extra,
+    )
 
 
 class KVFSConnector(KVConnectorBase_V1):
@@ -107,7 +192,8 @@ class KVFSConnector(KVConnectorBase_V1):
 
     def get_kv_connector_stats(self) -> KVFSStats | None:
         side = self._worker or self._scheduler
-        return side.stats.take() if side is not None else None
+        data = side.stats.take() if side is not None else None
+        return KVFSStats(data) if data else None
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVFSStats | None:
@@ -126,27 +212,40 @@ class KVFSConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown()
 
     # -- scheduler side ---------------------------------------------------------
 
     def bind_kv_cache_manager(self, kv_cache_manager: KVCacheManager) -> None:
         super().bind_kv_cache_manager(kv_cache_manager)
         if self._scheduler is not None:
-            self._scheduler.bind(kv_cache_manager)
+            self._scheduler.bind(lambda req_id: list(kv_cache_manager.get_block_ids(req_id)[0]))
 
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int):
         assert self._scheduler is not None
-        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+        return self._scheduler.get_num_new_matched_tokens(
+            request.request_id, num_computed_tokens, lambda: prompt_info(request)
+        )
 
     def update_state_after_alloc(
         self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
     ) -> None:
         assert self._scheduler is not None
-        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+        block_ids = blocks.get_block_ids()[0] if num_external_tokens > 0 else []
+        self._scheduler.update_state_after_alloc(request.request_id, block_ids, num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
         assert self._scheduler is not None
-        plan = self._scheduler.build_plan(scheduler_output)
+        scheduled = scheduler_output.num_scheduled_tokens
+        progress = {
+            new.req_id: (new.num_computed_tokens, scheduled.get(new.req_id, 0))
+            for new in scheduler_output.scheduled_new_reqs
+        }
+        cached = scheduler_output.scheduled_cached_reqs
+        for req_id, n in zip(cached.req_ids, cached.num_computed_tokens, strict=False):
+            progress[req_id] = (n, scheduled.get(req_id, 0))
+        plan = self._scheduler.build_plan(progress, scheduler_output.finished_req_ids or ())
         return KVFSConnectorMetadata(loads=plan.loads, saves=plan.saves, finished=plan.finished)
 
     def update_connector_output(self, connector_output) -> None:
@@ -156,4 +255,4 @@ class KVFSConnector(KVConnectorBase_V1):
     def request_finished(self, request: Request, block_ids: list[int]):
         assert self._scheduler is not None
         # Saves copy their blocks out during the step, so blocks can be freed now.
-        return False, self._scheduler.request_finished(request)
+        return False, self._scheduler.request_finished(request.request_id)

@@ -9,6 +9,7 @@ the forward pass pays), and a background writer turns them into files.
 from __future__ import annotations
 
 import atexit
+import math
 import os
 import queue
 import threading
@@ -19,31 +20,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .chunkfile import ChunkError, ChunkFile, encode_tokens, tensor_bytes, write_chunk
-from .keys import FORMAT, KeySpace
+from .cachedir import CacheDir, NotMounted
+from .chunkfile import ChunkError, ChunkFile, chunk_metadata, tensor_bytes
+from .counters import Counters
+from .keys import KeySpace
 from .plan import ChunkOp, StepPlan
 from .settings import Settings
-from .stats import Counters, KVFSStats
 
 XATTR_PREFIX = "user.connector."
-
-
-def expected_metadata(space: KeySpace, op: ChunkOp) -> dict[str, str]:
-    """Header fields a chunk file must carry to be loaded for `op` under `space`."""
-    return {
-        "format": FORMAT,
-        "key": space.file_key(bytes.fromhex(op.link)),
-        "model": space.model,
-        "dtype": space.dtype,
-        "layout": space.layout,
-        "chunk_tokens": str(space.chunk_size),
-        "tp_rank": str(space.tp_rank),
-        "tp_size": str(space.tp_size),
-        "pp_rank": str(space.pp_rank),
-        "pp_size": str(space.pp_size),
-        "link": op.link,
-        "parent": op.parent,
-    }
 
 
 class StagingPool:
@@ -88,14 +72,14 @@ class ChunkWriter:
 
     def __init__(
         self,
-        mount: str,
+        cache: CacheDir,
         space: KeySpace,
         settings: Settings,
         stats: Counters,
         log,
         pool: StagingPool,
     ):
-        self._mount = mount
+        self._cache = cache
         self._pool = pool
         self._space = space
         self._settings = settings
@@ -131,6 +115,8 @@ class ChunkWriter:
                 if job is None:
                     return
                 self._write(job)
+            except NotMounted:
+                pass  # counted and logged by the cache directory
             except Exception:  # never let one bad write end the writer
                 self._stats.add("save_errors", 1)
                 self._log.exception("kvfs: writing a chunk failed")
@@ -143,27 +129,25 @@ class ChunkWriter:
 
     def _write(self, job: _SaveJob) -> None:
         op, space = job.op, self._space
-        session_dir = os.path.join(self._mount, op.session)
-        name = space.file_name(op.index, bytes.fromhex(op.link), op.num_tokens)
-        path = os.path.join(session_dir, name)
-        if not op.repair and os.path.exists(path):
+        link = bytes.fromhex(op.link)
+        name = space.file_name(op.index, link, op.num_tokens)
+        t0 = time.perf_counter()
+        meta = chunk_metadata(
+            space,
+            op.session,
+            op.index,
+            link,
+            bytes.fromhex(op.parent),
+            op.tokens,
+            list(job.tensors),
+        )
+        n = self._cache.write(op.session, name, job.tensors, meta, replace=op.repair)
+        if n is None:
             self._stats.add("save_skipped", 1)
             return
-        t0 = time.perf_counter()
-        os.makedirs(session_dir, exist_ok=True)
-        start = op.index * space.chunk_size
-        meta = expected_metadata(space, op)
-        meta.update(
-            session=op.session,
-            chunk_index=str(op.index),
-            start=str(start),
-            end=str(start + len(op.tokens)),
-            layers=",".join(job.tensors),
-            tokens=encode_tokens(op.tokens),
-        )
-        n = write_chunk(path, job.tensors, meta)
         if self._settings.set_xattrs:
-            _label(path, space, start, start + len(op.tokens))
+            start = op.index * space.chunk_size
+            _label(self._cache.path(op.session, name), space, start, start + len(op.tokens))
         self._stats.add("save_write_seconds", time.perf_counter() - t0)
         self._stats.add("saved_tokens", len(op.tokens))
         self._stats.add("saved_bytes", n)
@@ -215,8 +199,16 @@ class WorkerSide:
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvfs-copy")
         self._copies: list[Future] = []
         self._stall = 0.0
+        self.cache = CacheDir(
+            settings.mount,
+            require_kvfs=settings.require_kvfs,
+            file_mode=settings.file_mode,
+            dir_mode=settings.dir_mode,
+            counters=self.stats,
+            log=log,
+        )
         self.pool = StagingPool(settings.staging_bytes)
-        self.writer = ChunkWriter(settings.mount, space, settings, self.stats, log, self.pool)
+        self.writer = ChunkWriter(self.cache, space, settings, self.stats, log, self.pool)
         # Daemon threads die at exit: finish writing first.
         ref = weakref.ref(self)
         atexit.register(lambda: ref() is not None and ref().shutdown())
@@ -279,6 +271,13 @@ class WorkerSide:
         else:
             self._load(ops)
 
+    def layer_loaded(self, layer: str) -> None:
+        self._layer_ready[layer].set()
+
+    def all_layers_loaded(self) -> None:
+        for ev in self._layer_ready.values():
+            ev.set()
+
     def wait_for_layer(self, layer_name: str) -> None:
         ev = self._layer_ready.get(layer_name)
         if ev is not None:
@@ -296,7 +295,9 @@ class WorkerSide:
             out, self._errors = self._errors, set()
         return out
 
-    def _fail(self, op: ChunkOp, why: str) -> None:
+    def report_failure(self, op: ChunkOp, why: str) -> None:
+        """A chunk not loaded: its blocks go back to vLLM to recompute, and
+        nothing this request computes on top of them may be saved."""
         self.log.warning(
             "kvfs: chunk %d of request %s (session %s) not loaded, will recompute: %s",
             op.index,
@@ -309,97 +310,13 @@ class WorkerSide:
             self._errors.update(op.block_ids[op.skip_blocks :])
             self._poisoned.add(op.req_id)
 
-    @torch.inference_mode()
     def _load(self, ops: list[ChunkOp]) -> None:
-        t0 = time.perf_counter()
-        files: dict[int, ChunkFile] = {}
-        # Per request, the first chunk that failed: vLLM recomputes from its
-        # first block on, so later chunks need not load; earlier ones must.
-        failed_at: dict[str, int] = {}
+        _StepLoad(self, ops).run()
 
-        def doomed(op: ChunkOp) -> bool:
-            return op.index > failed_at.get(op.req_id, op.index)
-
-        def fail(op: ChunkOp, why: str) -> None:
-            self._fail(op, why)
-            failed_at[op.req_id] = min(op.index, failed_at.get(op.req_id, op.index))
-
-        layers = list(self.kv_caches)
-        # Checksums are checked after every layer is in place, while the
-        # forward pass already runs on the loaded KV: should one fail, the
-        # blocks are reported at the end of the step and vLLM discards that
-        # request's output and recomputes, so no wrong KV reaches a result.
-        checks: list[tuple[int, str, list[memoryview]]] = []
-        try:
-            for i, op in enumerate(ops):
-                if doomed(op):
-                    continue
-                try:
-                    files[i] = self._open(op)
-                except ChunkError as e:
-                    fail(op, e.reason)
-            for layer in layers:
-                kv = self.kv_caches[layer]
-                for i in sorted(files):
-                    op, f = ops[i], files[i]
-                    if doomed(op) or op.req_id in failed_at and op.index == failed_at[op.req_id]:
-                        f.close()
-                        del files[i]
-                        continue
-                    try:
-                        dests = self._read_layer(f, op, layer, kv)
-                    except ChunkError as e:
-                        fail(op, e.reason)
-                        f.close()
-                        del files[i]
-                        continue
-                    if dests is not None and self.settings.verify_checksum:
-                        checks.append((i, layer, dests))
-                self._layer_ready[layer].set()
-            for i, layer, dests in sorted(checks, key=lambda c: ops[c[0]].index):
-                op = ops[i]
-                if i not in files or doomed(op) or failed_at.get(op.req_id) == op.index:
-                    continue
-                try:
-                    files[i].check(layer, dests)
-                except ChunkError as e:
-                    fail(op, e.reason)
-            for i, f in files.items():
-                op = ops[i]
-                if op.index >= failed_at.get(op.req_id, op.index + 1):
-                    continue
-                n_blocks = len(op.block_ids) - op.skip_blocks
-                self.stats.add("loaded_tokens", n_blocks * self._block_tokens(layers))
-                self.stats.add("loaded_bytes", os.fstat(f.fd).st_size)
-        except Exception as e:  # a bug or an I/O error: a miss, never a crash
-            self.log.exception("kvfs: loading failed")
-            for op in ops:  # nothing loaded this step can be trusted
-                fail(op, f"unexpected error: {e!r}")
-        finally:
-            for f in files.values():
-                f.close()
-            for ev in self._layer_ready.values():
-                ev.set()
-            self.stats.add("load_seconds", time.perf_counter() - t0)
-
-    def _block_tokens(self, layers: list[str]) -> int:
-        return self.kv_caches[layers[0]].shape[2] if layers else 0
-
-    def _open(self, op: ChunkOp) -> ChunkFile:
-        name = self.space.file_name(op.index, bytes.fromhex(op.link), op.num_tokens)
-        f = ChunkFile(os.path.join(self.settings.mount, op.session, name))
-        try:
-            f.expect(expected_metadata(self.space, op))
-            for layer, kv in self.kv_caches.items():
-                f.expect_tensor(layer, kv.dtype, [len(op.block_ids), *kv.shape[1:]])
-        except BaseException:
-            f.close()
-            raise
-        return f
-
-    def _read_layer(self, f: ChunkFile, op: ChunkOp, layer: str, kv: torch.Tensor):
+    def read_layer(self, f: ChunkFile, op: ChunkOp, layer: str) -> list[memoryview] | None:
         """Read one layer of a chunk into its blocks; returns the bytes still
         to be checked, or None if they were checked already."""
+        kv = self.kv_caches[layer]
         blocks = op.block_ids
         if kv.device.type == "cpu" and all(kv[b].is_contiguous() for b in blocks[:1]):
             # Straight from the file into the paged blocks. Blocks computed
@@ -416,6 +333,19 @@ class WorkerSide:
         idx = torch.tensor(blocks[op.skip_blocks :], device=kv.device)
         kv.index_copy_(0, idx, staged[op.skip_blocks :].to(kv.device))
         return None
+
+    def open_chunk(self, op: ChunkOp) -> ChunkFile:
+        """Open a chunk file and check its header against what `op` expects."""
+        name = self.space.file_name(op.index, bytes.fromhex(op.link), op.num_tokens)
+        f = self.cache.open(op.session, name)
+        try:
+            f.expect(self.space.header(bytes.fromhex(op.link), bytes.fromhex(op.parent)))
+            for layer, kv in self.kv_caches.items():
+                f.expect_tensor(layer, kv.dtype, [len(op.block_ids), *kv.shape[1:]])
+        except BaseException:
+            f.close()
+            raise
+        return f
 
     # -- saving --------------------------------------------------------------
 
@@ -492,11 +422,103 @@ class WorkerSide:
 
     # -- reporting and shutdown ----------------------------------------------
 
-    def take_stats(self) -> KVFSStats | None:
-        return self.stats.take()
-
     def shutdown(self) -> None:
         self.finish_load()
         self._copier.shutdown(wait=True)
         self.writer.flush()
         self.writer.close()
+
+
+class _StepLoad:
+    """One step's loads, in three passes: open and check every chunk's header,
+    read layer by layer (layer i is released to the forward pass as soon as
+    every chunk's layer i is in place), then verify the checksums while the
+    forward pass runs. A request's first failed chunk ends its loads: vLLM
+    recomputes from there, so later chunks need not load; earlier ones must."""
+
+    def __init__(self, worker: WorkerSide, ops: list[ChunkOp]):
+        self.worker = worker
+        self.ops = ops
+        self.files: dict[int, ChunkFile] = {}  # by position in ops, while usable
+        self.failed_at: dict[str, int] = {}  # request -> index of its first failed chunk
+        self.checks: list[tuple[int, str, list[memoryview]]] = []
+
+    def usable(self, i: int) -> bool:
+        op = self.ops[i]
+        return op.index < self.failed_at.get(op.req_id, math.inf)
+
+    def fail(self, i: int, why: str) -> None:
+        op = self.ops[i]
+        if self.usable(i):  # later chunks of a failed request are not reported
+            self.worker.report_failure(op, why)
+            self.failed_at[op.req_id] = op.index
+        self.drop(i)
+
+    def drop(self, i: int) -> None:
+        f = self.files.pop(i, None)
+        if f is not None:
+            f.close()
+
+    @torch.inference_mode()
+    def run(self) -> None:
+        w = self.worker
+        t0 = time.perf_counter()
+        try:
+            if not w.cache.live():
+                for i in range(len(self.ops)):
+                    self.fail(i, "the mount is not a live kvfs mount")
+            else:
+                self.open_all()
+                for layer in w.kv_caches:
+                    self.read(layer)
+                    w.layer_loaded(layer)
+                self.verify()
+                self.count()
+        except Exception as e:  # a bug or an I/O error: a miss, never a crash
+            w.log.exception("kvfs: loading failed")
+            for i in range(len(self.ops)):  # nothing loaded this step can be trusted
+                self.fail(i, f"unexpected error: {e!r}")
+        finally:
+            for i in list(self.files):
+                self.drop(i)
+            w.all_layers_loaded()
+            w.stats.add("load_seconds", time.perf_counter() - t0)
+
+    def open_all(self) -> None:
+        for i, op in enumerate(self.ops):
+            if self.usable(i):
+                try:
+                    self.files[i] = self.worker.open_chunk(op)
+                except ChunkError as e:
+                    self.fail(i, e.reason)
+
+    def read(self, layer: str) -> None:
+        for i in sorted(self.files):
+            if not self.usable(i):
+                self.drop(i)
+                continue
+            try:
+                dests = self.worker.read_layer(self.files[i], self.ops[i], layer)
+            except ChunkError as e:
+                self.fail(i, e.reason)
+                continue
+            if dests is not None and self.worker.settings.verify_checksum:
+                self.checks.append((i, layer, dests))
+
+    def verify(self) -> None:
+        # In chunk order, so that a request's first bad chunk is the one reported.
+        for i, layer, dests in sorted(self.checks, key=lambda c: self.ops[c[0]].index):
+            if i in self.files and self.usable(i):
+                try:
+                    self.files[i].check(layer, dests)
+                except ChunkError as e:
+                    self.fail(i, e.reason)
+
+    def count(self) -> None:
+        w = self.worker
+        block_tokens = next(iter(w.kv_caches.values())).shape[2] if w.kv_caches else 0
+        for i, f in self.files.items():
+            if self.usable(i):
+                op = self.ops[i]
+                w.stats.add("loaded_tokens", (len(op.block_ids) - op.skip_blocks) * block_tokens)
+                w.stats.add("loaded_bytes", os.fstat(f.fd).st_size)

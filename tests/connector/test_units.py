@@ -1,10 +1,11 @@
 """Keys, chunk files and the engine-neutral API, without vLLM (fast)."""
 
+import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,10 +16,8 @@ from safetensors import safe_open
 from kvfs_connector import RetrieveStatus, StoreStatus, init_engine
 from kvfs_connector.chunkfile import ChunkError, ChunkFile, decode_tokens, write_chunk
 from kvfs_connector.keys import KeySpace, derived_session, token_chain, valid_session
-from kvfs_connector.plan import ChunkOp
-from kvfs_connector.scheduler import SchedulerSide
+from kvfs_connector.scheduler import PromptInfo, SchedulerSide
 from kvfs_connector.settings import Settings
-from kvfs_connector.worker import expected_metadata
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -152,32 +151,49 @@ def test_foreign_chunk_files_are_refused(tmp_path):
 
 
 def test_a_rank_refuses_another_ranks_file(tmp_path):
-    link = token_chain(list(range(4)), 4)[0]
-    op = ChunkOp("r", "s", 0, link.hex(), "00", [0])
+    link, parent = token_chain(list(range(4)), 4)[0], b"\0" * 16
     rank1, rank0 = space(tp_rank=1, tp_size=2), space(tp_rank=0, tp_size=2)
     path = str(tmp_path / "f")
-    write_chunk(path, {"x": torch.zeros(1)}, expected_metadata(rank1, op))
+    write_chunk(path, {"x": torch.zeros(1)}, rank1.header(link, parent))
     with ChunkFile(path) as f:
-        f.expect(expected_metadata(rank1, op))
+        f.expect(rank1.header(link, parent))
         with pytest.raises(ChunkError, match="key is"):
-            f.expect(expected_metadata(rank0, op))
+            f.expect(rank0.header(link, parent))
+
+
+LOG = logging.getLogger("test")
+
+
+def scheduler(mount, spaces, **settings) -> SchedulerSide:
+    return SchedulerSide(
+        Settings(mount=str(mount), require_kvfs=False, **settings), spaces, 32, LOG
+    )
+
+
+def matched(sched, info: PromptInfo, computed: int = 0) -> int:
+    """vLLM's question, asked again while the answer is deferred, as vLLM does."""
+    for _ in range(2000):
+        n, load_async = sched.get_num_new_matched_tokens(info.req_id, computed, lambda: info)
+        if n is not None:
+            assert not load_async
+            return n
+        time.sleep(0.005)
+    raise AssertionError("lookup never answered")
 
 
 def test_scheduler_hits_only_when_every_rank_has_the_chunk(tmp_path):
     spaces = [space(tp_rank=r, tp_size=2, chunk_size=64) for r in range(2)]
-    sched = SchedulerSide(Settings(mount=str(tmp_path)), spaces, 32, log=SimpleNamespace())
+    sched = scheduler(tmp_path, spaces)
     tokens = list(range(3, 3 + 200))
-    req = SimpleNamespace(
-        request_id="r1", prompt_token_ids=tokens, kv_transfer_params={"kvfs_session": "s"}
-    )
+    info = PromptInfo("r1", tokens, {"kvfs_session": "s"})
     links = token_chain(tokens, 64)
     (tmp_path / "s").mkdir()
     for i in range(3):  # rank 0 has all three chunks, rank 1 only the first two
         (tmp_path / "s" / spaces[0].file_name(i, links[i])).write_bytes(b"")
     for i in range(2):
         (tmp_path / "s" / spaces[1].file_name(i, links[i])).write_bytes(b"")
-    assert sched.get_num_new_matched_tokens(req, 0) == (128, False)
-    assert sched.get_num_new_matched_tokens(req, 64) == (64, False)
+    assert matched(sched, info, 0) == 128
+    assert matched(sched, info, 64) == 64
 
 
 # -- the engine-neutral API -----------------------------------------------------------
@@ -185,6 +201,7 @@ def test_scheduler_hits_only_when_every_rank_has_the_chunk(tmp_path):
 
 def api_engine(mount, **kw):
     cfg = dict(mount=str(mount), model_id="m1", dtype="float32", num_layers=2, chunk_size=8)
+    cfg.setdefault("require_kvfs", False)  # a plain directory, unless the test mounts kvfs
     cfg.update(kw)
     return init_engine(cfg)
 
@@ -264,7 +281,7 @@ def test_api_store_object_corrupted_behind_kvfs_is_a_miss(kvfs_mount):
     store = getattr(kvfs_mount, "store", None)
     if store is None:
         pytest.skip("this mount fixture does not expose its store")
-    eng = api_engine(kvfs_mount.path)
+    eng = api_engine(kvfs_mount.path, require_kvfs=True)
     ids = list(range(100, 124))
     eng.store_kv(ids, [torch.randn(24, 3), torch.randn(24, 3)], session="s")
     second = sorted((kvfs_mount.path / "s").iterdir())[1]
@@ -280,3 +297,179 @@ def test_api_store_object_corrupted_behind_kvfs_is_a_miss(kvfs_mount):
     assert r.num_tokens == 8
     assert len(r.errors) == 1
     assert "read failed" in r.errors[0] or "checksum" in r.errors[0]
+
+
+# -- issue 9: keys, modes, flags, the mount ------------------------------------------
+
+
+def lora_dir(path: Path, scale: float) -> Path:
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "adapter_config.json").write_text('{"r": 8, "lora_alpha": 16}')
+    save_file({"lora_A": torch.full((8, 16), scale)}, str(path / "adapter_model.safetensors"))
+    return path
+
+
+def lora_files(tmp_path, name: str, path: Path) -> list[str]:
+    """The chunk file names a request with this adapter would load."""
+    sched = scheduler(tmp_path, [space(chunk_size=64)])
+    info = PromptInfo("r", list(range(3, 203)), {"kvfs_session": "s"}, lora=(name, str(path)))
+    st, _ = sched._lookup(None, info, 0)
+    return [sched.spaces[0].file_name(i, link) for i, link in enumerate(st.links)]
+
+
+def test_lora_key_follows_the_adapters_weights_not_its_name(tmp_path):
+    """Issue 9.2: new weights under the same name and path must not hit the old KV."""
+    adapter = lora_dir(tmp_path / "adapters" / "sql", 0.5)
+    before = lora_files(tmp_path, "sql", adapter)
+    assert lora_files(tmp_path, "sql", adapter) == before
+    lora_dir(adapter, 0.25)  # retrained in place
+    after = lora_files(tmp_path, "sql", adapter)
+    assert set(after).isdisjoint(before)
+    # The same weights under another name and path are the same adapter.
+    copy = lora_dir(tmp_path / "elsewhere" / "sql-v2", 0.25)
+    assert lora_files(tmp_path, "other-name", copy) == after
+
+
+def test_lora_without_weights_on_this_machine_is_not_cached(tmp_path):
+    sched = scheduler(tmp_path, [space(chunk_size=64)])
+    info = PromptInfo("r", list(range(3, 203)), None, lora=("hub", "org/not-downloaded"))
+    assert matched(sched, info) == 0
+    assert sched.request_finished("r") is None  # never keyed, never stored
+
+
+@pytest.mark.parametrize("value", ["false", "False", "0", "no", "off", 0, False])
+def test_string_false_turns_loading_and_storing_off(tmp_path, value):
+    """Issue 9.12: "false" from a JSON body is false, not a non-empty string."""
+    spaces = [space(chunk_size=64)]
+    sched = scheduler(tmp_path, spaces)
+    tokens = list(range(3, 203))
+    (tmp_path / "s").mkdir()
+    for i, link in enumerate(token_chain(tokens, 64)):
+        (tmp_path / "s" / spaces[0].file_name(i, link)).write_bytes(b"")
+    params = {"kvfs_session": "s", "kvfs_load": value, "kvfs_store": value}
+    assert matched(sched, PromptInfo("r", tokens, params)) == 0
+    sched.update_state_after_alloc("r", [], 0)
+    plan = sched.build_plan({"r": (0, len(tokens))})
+    assert plan.saves == []
+    # And the default, or "true", still loads.
+    on = {"kvfs_session": "s", "kvfs_load": "true"}
+    assert matched(sched, PromptInfo("r2", tokens, on)) == 192
+
+
+def test_a_bad_flag_falls_back_to_the_default(tmp_path, caplog):
+    sched = scheduler(tmp_path, [space(chunk_size=64)])
+    info = PromptInfo("r", list(range(3, 203)), {"kvfs_store": "maybe"})
+    with caplog.at_level(logging.WARNING):
+        matched(sched, info)
+    assert "kvfs_store must be true or false" in caplog.text
+    with pytest.raises(ValueError, match="verify_checksum"):
+        Settings.from_extra_config({"verify_checksum": "perhaps"})
+    assert Settings.from_extra_config({"verify_checksum": "false"}).verify_checksum is False
+
+
+def test_lookup_is_deferred_while_the_mount_is_slow(tmp_path):
+    """A slow mount never stalls vLLM's scheduler thread: it is told to ask again."""
+    import threading
+
+    from kvfs_connector.cachedir import CacheDir
+
+    class SlowDir(CacheDir):  # a mount whose names are not cached yet
+        gate = threading.Event()
+
+        def exists(self, session, name):
+            self.gate.wait()
+            return super().exists(session, name)
+
+    spaces = [space(chunk_size=64)]
+    cache = SlowDir(str(tmp_path), require_kvfs=False)
+    sched = SchedulerSide(Settings(mount=str(tmp_path)), spaces, 32, LOG, cache=cache)
+    tokens = list(range(3, 203))
+    (tmp_path / "s").mkdir()
+    link = token_chain(tokens, 64)[0]
+    (tmp_path / "s" / spaces[0].file_name(0, link)).write_bytes(b"")
+    info = PromptInfo("r", tokens, {"kvfs_session": "s"})
+    t0 = time.perf_counter()
+    assert sched.get_num_new_matched_tokens("r", 0, lambda: info) == (None, False)
+    assert sched.get_num_new_matched_tokens("r", 0, lambda: info) == (None, False)
+    assert time.perf_counter() - t0 < 0.5
+    assert sched.stats.totals()["lookups_deferred"] == 1
+    SlowDir.gate.set()
+    assert matched(sched, info) == 64
+    sched.shutdown()
+
+
+def mode(path) -> int:
+    return os.stat(path).st_mode & 0o777
+
+
+def test_chunk_files_are_private_by_default(kvfs_mount):
+    """Issue 9.10: chunk files hold prompts: 0600 in 0700 sessions."""
+    eng = api_engine(kvfs_mount.path, require_kvfs=True)
+    eng.store_kv(list(range(100, 116)), [torch.randn(16, 3), torch.randn(16, 3)], session="s")
+    assert mode(kvfs_mount.path / "s") == 0o700
+    files = list((kvfs_mount.path / "s").iterdir())
+    assert len(files) == 2 and all(mode(f) == 0o600 for f in files)
+
+
+def test_chunk_files_shared_only_when_configured(kvfs_mount):
+    old = os.umask(0o077)  # a strict umask must not undo a deliberate share
+    try:
+        eng = api_engine(kvfs_mount.path, require_kvfs=True, file_mode="0640", dir_mode=0o750)
+        eng.store_kv(list(range(100, 108)), [torch.randn(8, 3), torch.randn(8, 3)], session="s")
+    finally:
+        os.umask(old)
+    assert mode(kvfs_mount.path / "s") == 0o750
+    (f,) = (kvfs_mount.path / "s").iterdir()
+    assert mode(f) == 0o640
+    with pytest.raises(ValueError, match="file_mode"):
+        Settings.from_extra_config({"file_mode": "rw-r--r--"})
+
+
+def test_a_bare_directory_is_refused(tmp_path):
+    """Issue 9.8: a path that is not a kvfs mount is never written, and counted."""
+    from kvfs_connector.cachedir import CacheDir, NotMounted
+
+    cache = CacheDir(str(tmp_path))
+    assert not cache.live()
+    with pytest.raises(NotMounted):
+        cache.write("s", "f.safetensors", {"x": torch.zeros(1)}, {})
+    assert cache.counters.totals()["mount_errors"] == 2
+    assert list(tmp_path.iterdir()) == []
+    sched = SchedulerSide(Settings(mount=str(tmp_path)), [space(chunk_size=64)], 32, LOG)
+    assert matched(sched, PromptInfo("r", list(range(3, 203)), None)) == 0
+    assert sched.stats.totals()["mount_errors"] == 1
+
+
+def test_mount_left_bare_by_a_dead_daemon_is_refused(kvfs_mount):
+    """After the daemon dies and its mount is cleared, the mountpoint is a
+    directory on the root filesystem: the cache is off, nothing lands there."""
+    eng = api_engine(kvfs_mount.path, require_kvfs=True)
+    ids = list(range(100, 116))
+    kv = [torch.randn(16, 3), torch.randn(16, 3)]
+    assert eng.store_kv(ids, kv, session="s") == 16
+    assert eng.retrieve_kv(ids, session="s").num_tokens == 16
+    kvfs_mount.kill()
+    assert eng.should_store(ids, session="s") is StoreStatus.SKIPPED
+    assert eng.store_kv(ids, kv, session="s") == 0
+    assert eng.retrieve_kv(ids, session="s").status is RetrieveStatus.MISS
+    assert list(kvfs_mount.path.iterdir()) == []
+    assert eng.counters.totals()["mount_errors"] >= 3
+
+
+def test_the_core_imports_without_vllm():
+    """Issue 8.8: keys, chunk files, the scheduler and worker cores, counters
+    and the API work with vLLM absent; only the facade needs it."""
+    code = (
+        "import sys; sys.modules['vllm'] = None\n"
+        "import kvfs_connector\n"
+        "from kvfs_connector import api, cachedir, chunkfile, counters, keys, scheduler, worker\n"
+        "try:\n"
+        "    kvfs_connector.KVFSConnector\n"
+        "except ImportError:\n"
+        "    print('facade needs vllm')\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.strip() == "facade needs vllm"

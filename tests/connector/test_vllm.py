@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import torch
+from tinymodel import make_tiny_model
 
 from conftest import CHUNK, PROMPTS
 
@@ -62,6 +63,9 @@ def test_store_then_load_in_fresh_process(kvfs_mount, tiny_models, baseline, run
     assert files[0].startswith("000000-000064.tp0.")
     assert files[-1].startswith("000256-000288.tp0.")  # the tail, up to the last block
     assert len(chunk_files(kvfs_mount.path / "chat-42")) == stored_files("C")
+    # Chunk files hold the prompt: private to the serving user (issue 9.10).
+    assert os.stat(kvfs_mount.path / session).st_mode & 0o777 == 0o700
+    assert {os.stat(kvfs_mount.path / session / f).st_mode & 0o777 for f in files} == {0o600}
 
     # rm -r of a named session erases that conversation's cache, and only it.
     subprocess.run(["rm", "-r", str(kvfs_mount.path / "chat-42")], check=True)
@@ -206,3 +210,44 @@ def test_failed_load_never_poisons_later_chunks(kvfs_mount, tiny_models, baselin
     assert again["worker"].get("load_errors", 0) == 0
     assert again["worker"]["loaded_tokens"] == loadable("B")  # all of B from the cache
     assert again["token_ids"] == baseline["B"]
+
+
+def test_a_bare_mount_directory_is_neither_read_nor_written(
+    tmp_path, tiny_models, baseline, run_vllm
+):
+    """Issue 9.8: the mount path left as a plain directory (the daemon died and
+    the mount was cleared): vLLM serves, uncached, and nothing lands there."""
+    bare = tmp_path / "kvcache"
+    bare.mkdir()
+    out = run_vllm(tiny_models["tiny-a"], [req("A"), req("A")], bare)
+    for r in out["results"]:
+        assert r["token_ids"] == baseline["A"]
+        assert r["kv_transfer_params"]["kvfs_hit_tokens"] == 0
+    assert out["worker_totals"]["mount_errors"] >= 1
+    assert not out["worker_totals"].get("saved_tokens")
+    assert list(bare.iterdir()) == []
+    assert "not a live kvfs mount" in run_vllm.last_log or "refused" in run_vllm.last_log
+
+
+def test_uneven_pipeline_split_keys_each_rank_by_its_own_layers(tmp_path, monkeypatch):
+    """Issue 9.3: three layers over two pipeline ranks are split 2+1 by vLLM;
+    the scheduler must name rank 1's files with rank 1's layers, not its own."""
+    from vllm.distributed.utils import get_pp_indices
+    from vllm.engine.arg_utils import EngineArgs
+
+    from kvfs_connector.settings import Settings
+    from kvfs_connector.vllm_connector import vllm_key_space
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model = make_tiny_model(tmp_path / "tiny3", num_layers=3)
+    config = EngineArgs(
+        model=str(model),
+        pipeline_parallel_size=2,
+        block_size=32,
+        dtype="float32",
+        distributed_executor_backend="mp",
+    ).create_engine_config()
+    spaces = [vllm_key_space(config, Settings(), 0, pp) for pp in range(2)]
+    split = [get_pp_indices(3, pp, 2) for pp in range(2)]
+    assert [s.num_layers for s in spaces] == [end - first for first, end in split] == [2, 1]
+    assert [dict(s.extra)["layers"] for s in spaces] == ["0-2", "2-3"]
