@@ -75,7 +75,9 @@ def run_variant(spec: dict) -> dict:
             "kv_connector": "KVFSConnector",
             "kv_connector_module_path": "kvfs_connector",
             "kv_role": "kv_both",
-            "kv_connector_extra_config": {"mount": path},
+            # the plain-directory variant measures the mount's overhead: it
+            # must be allowed to run off a kvfs mount
+            "kv_connector_extra_config": {"mount": path, "require_kvfs": kind == "kvfs-mount"},
         }
     else:
         ktc = {
