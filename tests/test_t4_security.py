@@ -141,6 +141,10 @@ def test_nobody_cannot_reach_the_private_etcd(make_mount, public_mountpoint):
     assert leaked is None, f"nobody read the 0600 file: {leaked!r}; attacks: {attacks}"
 
     for e, r in attacks.items():
+        print(f"attack via {e}: rc={r.returncode} {(r.stdout + r.stderr).strip()[-300:]}")
+    for p, r in connects.items():
+        print(f"connect to {p}: rc={r.returncode} {r.stderr.strip()[-200:]}")
+    for e, r in attacks.items():
         assert r.returncode != 0 and "rewrote" not in r.stdout, (
             f"nobody used the private etcd at {e}: rc={r.returncode} {r.stdout}{r.stderr}"
         )
