@@ -27,27 +27,31 @@ def socket_dir(data_dir: str) -> str:
         base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/kvfs-{os.geteuid()}"
     key = hashlib.sha1(os.path.abspath(data_dir).encode()).hexdigest()[:16]
     path = os.path.join(base, f"etcd-{key}")
-    _private_dir(base)
-    _private_dir(path)
+    _private_dir(base, leaf=False)
+    _private_dir(path, leaf=True)
     return path
 
 
-def _private_dir(path: str) -> None:
-    """Make PATH (or accept it) only if it is ours and nobody else may enter it.
+def _private_dir(path: str, leaf: bool) -> None:
+    """Make PATH (or accept it) only if it is ours and nobody else may change it.
 
-    Whoever could enter it could connect to etcd, and whoever could write it
-    could swap the socket for one of their own."""
+    Whoever could enter the leaf could connect to etcd, and whoever could write
+    it or a parent could swap the socket for one of their own."""
     try:
         os.mkdir(path, 0o700)
     except FileExistsError:
         pass
     st = os.lstat(path)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+    if (
+        not stat.S_ISDIR(st.st_mode)
+        or st.st_uid != os.geteuid()
+        or (not leaf and st.st_mode & 0o022)
+    ):
         raise KvfsError(
-            f"{path} is not a directory owned by uid {os.geteuid()}: refusing to put the "
-            "private etcd's socket there"
+            f"{path} is not a directory owned by uid {os.geteuid()} that only it may "
+            "write: refusing to put the private etcd's socket there"
         )
-    if st.st_mode & 0o077:
+    if leaf and st.st_mode & 0o077:
         os.chmod(path, 0o700)
 
 
