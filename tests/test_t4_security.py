@@ -88,6 +88,7 @@ echo rewrote
 @pytest.fixture
 def public_mountpoint():
     # pytest's tmp dirs are private to root: mount where nobody can walk to
+    # (ask for it before make_mount, so that it is removed after the unmount)
     p = Path(f"/tmp/kvfs-sec-{uuid.uuid4().hex[:8]}")
     yield p
     try:
@@ -96,7 +97,7 @@ def public_mountpoint():
         pass
 
 
-def test_nobody_cannot_reach_the_private_etcd(make_mount, public_mountpoint):
+def test_nobody_cannot_reach_the_private_etcd(public_mountpoint, make_mount):
     if shutil.which("setpriv") is None or shutil.which("etcdctl") is None:
         pytest.fail("setpriv and etcdctl are needed (util-linux, etcd-client)")
     m = make_mount("--allow-other", name=str(public_mountpoint), private_etcd=True)
