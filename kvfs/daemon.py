@@ -27,6 +27,7 @@ from .fs import ROOT, Kernel, Operations
 from .meta import EtcdMeta, WatchCompacted
 from .metacache import MetaCache
 from .namespace import Namespace
+from .objects import HEADER_SUFFIX, data_key
 from .store import open_store
 
 log = logging.getLogger(__name__)
@@ -87,17 +88,23 @@ class Daemon:
         except Exception:
             self.close_backends()
             raise
+        self._live_objects = None
         n = self.store.clean_staging(self._is_live)
+        self._live_objects = None
         if n:
             log.info("settled %d writes an earlier run left unfinished", n)
 
     def _is_live(self, key: str) -> bool:
-        """Does etcd reference object KEY? (its header names the entry)"""
-        from .objects import HEADER_SIZE, decode_header
+        """Does etcd reference object KEY (or, for a header, its data object)?
 
-        meta, _, _ = decode_header(self.store.get(key, 0, HEADER_SIZE))
-        entry = self.meta.get_entry(meta["session"], meta["name"])
-        return entry is not None and entry.object == key
+        Asked by object, never by the name in a header: a rename moves the
+        name, and a committed object must never be taken for a leftover.
+        """
+        if self._live_objects is None:
+            self._live_objects = {e.object for e in self.meta.iter_all_entries()}
+        if key.endswith(HEADER_SUFFIX):
+            key = data_key(key)
+        return key in self._live_objects
 
     def close_backends(self) -> None:
         if self.meta is not None:

@@ -14,6 +14,7 @@ start); after 3 the new version is whole. Readers only see objects etcd names.
 """
 
 import functools
+import heapq
 import logging
 import time
 from collections import Counter
@@ -33,7 +34,15 @@ from .errors import (
 )
 from .meta import EtcdMeta
 from .metacache import MetaCache
-from .objects import HEADER_SIZE, decode_blocks, encode_blocks, encode_header, encode_xattrs
+from .objects import (
+    HEADER_SIZE,
+    decode_blocks,
+    encode_blocks,
+    encode_header,
+    encode_xattrs,
+    header_key,
+    is_legacy,
+)
 from .pending import PendingFile
 from .records import Entry, SessionInfo, WatchEvent
 from .store import Store
@@ -42,6 +51,7 @@ log = logging.getLogger(__name__)
 
 XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
 DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable
+LATER_MAX = 100_000  # background jobs waiting; beyond it one is skipped (and logged)
 CAS_ATTEMPTS = 20  # compare-and-swap rounds before a hot entry is reported as a conflict
 
 
@@ -73,7 +83,9 @@ class Namespace:
         self.last_corrupt: str | None = None
         # True while `index` mirrors etcd (loaded, and the watch is up)
         self.index_complete = False
-        self._send_later, self._recv_later = trio.open_memory_channel(10000)
+        self._later: list[tuple] = []  # heap of (due, seq, fn, what)
+        self._later_seq = 0
+        self._later_wake = trio.Event()
         self.memory_backed = bool(getattr(store, "memory_backed", False))
 
     # -- plumbing -----------------------------------------------------------------
@@ -87,25 +99,54 @@ class Namespace:
         return await trio.to_thread.run_sync(fn, *args, limiter=self.io_limiter)
 
     def delete_object_later(self, key: str) -> None:
+        """Drop a replaced or removed version: its header now, its bytes after a grace.
+
+        Without its header an object is never recovered, so a deleted file
+        stays deleted even if its bytes outlive a crash.
+        """
+        hkey = header_key(key)
+        if hkey != key:
+            self.later(functools.partial(self.store.delete, hkey), 0.0, f"delete {hkey}")
         self.later(functools.partial(self.store.delete, key), DELETE_GRACE, f"delete {key}")
 
+    def _drop_version_objects(self, key: str) -> None:
+        """Blocking: remove an unpublished version's header and bytes, now."""
+        self.store.delete(header_key(key))
+        self.store.delete(key)
+
     def later(self, fn, delay: float = 0.0, what: str = "") -> None:
-        """Run blocking FN in a worker thread after DELAY seconds, in order."""
-        try:
-            self._send_later.send_nowait((time.monotonic() + delay, fn, what))
-        except trio.WouldBlock:
+        """Run blocking FN in a worker thread after DELAY seconds (earliest due first)."""
+        if len(self._later) >= LATER_MAX:
             log.warning("background queue full; %s skipped", what or fn)
+            return
+        heapq.heappush(self._later, (time.monotonic() + delay, self._later_seq, fn, what))
+        self._later_seq += 1
+        self._later_wake.set()
+
+    def later_pending(self) -> int:
+        return len(self._later)
 
     async def run_later(self, task_status=trio.TASK_STATUS_IGNORED):
-        """Run the jobs `later` queued, each at its time, in order.
+        """Run the jobs `later` queued, each at its time, earliest first.
 
         Replaced and removed objects go after a grace period this way: a
         reader on another node that resolved the name just before can still
-        read the version it resolved.
+        read the version it resolved. Jobs due now (an intent record, a
+        deleted file's header) never wait behind a grace period.
         """
         task_status.started()
-        async for due, fn, what in self._recv_later:
-            await trio.sleep_until(trio.current_time() + max(0.0, due - time.monotonic()))
+        while True:
+            if not self._later:
+                await self._later_wake.wait()
+                self._later_wake = trio.Event()
+                continue
+            wait = self._later[0][0] - time.monotonic()
+            if wait > 0:
+                with trio.move_on_after(wait):
+                    await self._later_wake.wait()
+                self._later_wake = trio.Event()
+                continue
+            _, _, fn, what = heapq.heappop(self._later)
             try:
                 await self.call_io(fn)
             except KvfsError as exc:
@@ -137,7 +178,7 @@ class Namespace:
         def copy():
             reader = self.store.reader(base.object)
             try:
-                p.copy_from(reader, base.size, sums)
+                p.copy_from(reader, base.object, base.size, sums)
             finally:
                 reader.close()
 
@@ -281,6 +322,7 @@ class Namespace:
                 raise NotFound(f"{session}/{name}")
             mutate(entry)
             check_xattr_room(entry.xattrs)
+            check_header_room(entry)
             await self.call_meta(self.meta.commit, entry, entry.rev)
             return entry
 
@@ -292,11 +334,15 @@ class Namespace:
 
     async def _refresh_header(self, entry: Entry) -> None:
         """Keep the object's own header in step with etcd, for `kvfs recover`."""
-        header = encode_header(header_meta(entry), entry.size)
         try:
-            await self.call_io(self.store.rewrite_header, entry.object, header)
-        except NotImplementedError:
-            pass
+            if is_legacy(entry.object):
+                header = encode_header(header_meta(entry), entry.size, HEADER_SIZE)
+                await self.call_io(self.store.rewrite_header, entry.object, header)
+            else:
+                header = encode_header(header_meta(entry), entry.size)
+                await self.call_io(self.store.put, header_key(entry.object), header)
+        except (NotImplementedError, ValueError):
+            pass  # checked before the etcd change where it matters (update_entry)
         except KvfsError as exc:
             log.warning("header of %s/%s not refreshed: %s", entry.session, entry.name, exc)
 
@@ -330,6 +376,8 @@ class Namespace:
         self._index_set(new_session, new_name, moved)
         if replaced is not None and replaced.object != entry.object:
             self.delete_object_later(replaced.object)
+        # the header names the file: after a lost etcd, recover must find it here
+        await self._refresh_header(moved)
         return moved
 
     # -- the commit ---------------------------------------------------------------------
@@ -372,6 +420,7 @@ class Namespace:
 
         def seal() -> Entry:
             # one worker-thread trip: checksum, header, durable in the store
+            p.check_final_size()
             digest, sums = p.checksum()
             entry = Entry(
                 session=p.session,
@@ -402,7 +451,7 @@ class Namespace:
         except BaseException:
             # the object is durable but unpublished: drop it, the old version stands
             with trio.CancelScope(shield=True):
-                await self.call_io(self.store.delete, p.key)
+                await self.call_io(self._drop_version_objects, p.key)
                 await self.call_io(p.forget_intent)
             raise
         self.later(p.forget_intent)  # the intent record can go at leisure
@@ -499,10 +548,22 @@ def header_meta(entry: Entry) -> dict:
     }
 
 
+def check_header_room(entry: Entry) -> None:
+    """A legacy object's header is inline and fixed in size: refuse what would not fit."""
+    if is_legacy(entry.object):
+        try:
+            encode_header(header_meta(entry), entry.size, HEADER_SIZE)
+        except ValueError:
+            raise NoSpace(
+                f"{entry.session}/{entry.name}: its attributes no longer fit the header "
+                "of an object written by an older kvfs"
+            ) from None
+
+
 def check_xattr_room(xattrs: dict) -> None:
     total = sum(len(k.encode()) + len(v) for k, v in xattrs.items())
     if total > XATTR_TOTAL_MAX:
         raise NoSpace(f"user xattrs take {total} bytes, at most {XATTR_TOTAL_MAX} fit")
 
 
-__all__ = ["HEADER_SIZE", "Namespace"]
+__all__ = ["Namespace"]

@@ -1,10 +1,18 @@
-"""The layout of a stored object: a valid safetensors file describing itself.
+"""The layout of stored objects: the file's bytes, and a header describing them.
 
-An object is one uint8 tensor named "data" holding the file's bytes, and a
-safetensors header whose `__metadata__` names the session, layer, times,
-checksum and user xattrs. The header is padded with spaces to HEADER_SIZE so
-the bytes start page-aligned, and so `kvfs recover` can rebuild etcd from the
-store alone by reading the first page of every object.
+A version of a file is stored as two objects:
+    xx/VERSION.kvd   the file's bytes, exactly (offset 0 is the file's offset
+                     0, so the kernel can read and write it directly: FUSE
+                     passthrough)
+    xx/VERSION.kvh   its header: a safetensors header whose `__metadata__`
+                     names the session, layer, times, checksum and user xattrs,
+                     so `kvfs recover` can rebuild etcd from the store alone
+The header goes in first and out first: a data object without its header is
+never restored (a deleted file stays deleted).
+
+Stores written by kvfs before this layout hold one object per version,
+xx/VERSION.kv: the header padded to HEADER_SIZE, then the bytes. Those are
+still read (through the daemon, at offset HEADER_SIZE) and recovered.
 """
 
 import base64
@@ -20,10 +28,35 @@ HEADER_SIZE = 4096
 FORMAT = "kvfs/1"
 
 
+DATA_SUFFIX = ".kvd"
+HEADER_SUFFIX = ".kvh"
+LEGACY_SUFFIX = ".kv"  # header and bytes in one object (kvfs before the split)
+
+
 def new_object_key() -> tuple[str, str]:
-    """A fresh (version, store key): every committed version is its own object."""
+    """A fresh (version, data object key): every committed version is its own object."""
     version = uuid.uuid4().hex
-    return version, f"{version[:2]}/{version}.kv"
+    return version, f"{version[:2]}/{version}{DATA_SUFFIX}"
+
+
+def is_legacy(key: str) -> bool:
+    return key.endswith(LEGACY_SUFFIX)
+
+
+def header_key(key: str) -> str:
+    """The key of data object KEY's header (KEY itself for a legacy object)."""
+    if key.endswith(DATA_SUFFIX):
+        return key[: -len(DATA_SUFFIX)] + HEADER_SUFFIX
+    return key
+
+
+def data_key(hkey: str) -> str:
+    return hkey[: -len(HEADER_SUFFIX)] + DATA_SUFFIX
+
+
+def data_offset(key: str) -> int:
+    """Where the file's bytes start inside data object KEY."""
+    return HEADER_SIZE if is_legacy(key) else 0
 
 
 def encode_xattrs(xattrs: dict[str, bytes]) -> dict[str, str]:
@@ -34,8 +67,12 @@ def decode_xattrs(xattrs: dict[str, str]) -> dict[str, bytes]:
     return {k: base64.b64decode(v) for k, v in xattrs.items()}
 
 
-def encode_header(meta: dict, size: int, header_size: int = HEADER_SIZE) -> bytes:
-    """Header bytes for an object of SIZE data bytes; raises ValueError when too big."""
+def encode_header(meta: dict, size: int, header_size: int | None = None) -> bytes:
+    """Header bytes for an object of SIZE data bytes.
+
+    With HEADER_SIZE (legacy objects, header inline) the header is padded to
+    it and ValueError says it does not fit; without, it is as long as it needs.
+    """
     md = {"format": FORMAT}
     for k, v in meta.items():
         md[k] = (
@@ -46,6 +83,8 @@ def encode_header(meta: dict, size: int, header_size: int = HEADER_SIZE) -> byte
         "data": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]},
     }
     body = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode()
+    if header_size is None:
+        return struct.pack("<Q", len(body)) + body
     room = header_size - 8
     if len(body) > room:
         raise ValueError(f"object header needs {len(body)} bytes, {room} reserved")
@@ -145,12 +184,35 @@ class BlockSums:
         return self.sums + ([self.crc] if size % BLOCK else [])
 
 
-def sums_of(read, size: int) -> list[int]:
-    """Block CRCs of SIZE bytes read through READ(size, offset)."""
+_ZERO_CRC: dict[int, int] = {}
+
+
+def _zero_crc(n: int) -> int:
+    if n not in _ZERO_CRC:
+        _ZERO_CRC[n] = crc32c.crc32c(bytes(n))
+    return _ZERO_CRC[n]
+
+
+def sums_of(read, size: int, data_ranges=None) -> list[int]:
+    """Block CRCs of SIZE bytes read through READ(size, offset).
+
+    DATA_RANGES(size), when given, lists the (start, end) extents that hold
+    data; blocks wholly in a hole are zeros and are not read, so a sparse
+    file costs what it stores.
+    """
+    extents = list(data_ranges(size)) if data_ranges is not None else None
     out = []
     off = 0
+    i = 0
     while off < size:
         n = min(BLOCK, size - off)
+        if extents is not None:
+            while i < len(extents) and extents[i][1] <= off:
+                i += 1
+            if i == len(extents) or extents[i][0] >= off + n:
+                out.append(_zero_crc(n))
+                off += n
+                continue
         chunk = read(n, off)
         if len(chunk) < n:  # a sparse tail reads short: zeros
             chunk = bytes(chunk) + bytes(n - len(chunk))

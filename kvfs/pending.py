@@ -1,12 +1,24 @@
-"""A version being written: a staged store object whose data starts at HEADER_SIZE.
+"""A version being written: a staged data object, its bytes at offset 0.
 
-The commit that publishes it is `Namespace.commit`.
+Bytes arrive either through the daemon (`write`, `truncate`) or straight
+from the kernel into the staged file (FUSE passthrough: `passthrough()`);
+in the second case size, changes and checksums are read from the staged
+file itself. The commit that publishes a version is `Namespace.commit`.
 """
 
 import errno
+import os
 
 from .errors import Corrupt, KvfsError, NoSpace
-from .objects import HEADER_SIZE, BlockSums, block_checksum, check_blocks, new_object_key, sums_of
+from .objects import (
+    BlockSums,
+    block_checksum,
+    check_blocks,
+    data_offset,
+    header_key,
+    new_object_key,
+    sums_of,
+)
 from .store import Store
 
 COPY_CHUNK = 8 << 20
@@ -41,11 +53,44 @@ class PendingFile:
         self.version, self.key = new_object_key()
         self.writer = store.writer(self.key)
         self.crc = BlockSums()
-        self.size = 0
-        self.dirty = False
+        self._size = 0
+        self._dirty = False
+        self._stamp = None  # (size, mtime) of the staged file when the kernel took over
         self.closed = False
         # a failed write (ENOSPC, EIO) leaves a hole: such a version never commits
         self.failed: Exception | None = None
+
+    # -- the kernel writes it (passthrough) ------------------------------------------
+
+    def passthrough(self) -> int | None:
+        """The staged file's descriptor, for the kernel to write directly; None if none.
+
+        From then on the daemon sees no bytes: the running checksum is given
+        up, and size and changes are read from the file.
+        """
+        fd = self.writer.fileno()
+        if fd is not None and self._stamp is None:
+            self.crc.valid = False
+            self._stamp = self._file_stamp()
+        return fd
+
+    def _file_stamp(self):
+        st = os.fstat(self.writer.fileno())
+        return st.st_size, st.st_mtime_ns
+
+    @property
+    def size(self) -> int:
+        return self.writer.size() if self._stamp is not None else self._size
+
+    @property
+    def dirty(self) -> bool:
+        return self._dirty or (self._stamp is not None and self._file_stamp() != self._stamp)
+
+    @dirty.setter
+    def dirty(self, value: bool) -> None:
+        self._dirty = value
+
+    # -- the daemon writes it ----------------------------------------------------------
 
     def _check_size(self, end: int) -> None:
         if self.max_size is not None and end > self.max_size:
@@ -60,66 +105,76 @@ class PendingFile:
         if self.capacity is not None and end > self.capacity:
             raise NoSpace(f"{self.session}/{self.name}: {end} bytes exceed the store capacity")
 
-    def copy_from(self, reader, size: int, sums: list[int] | None = None) -> None:
-        """Start from an existing version's bytes (copy-on-write of a committed file).
+    def copy_from(self, reader, key: str, size: int, sums: list[int] | None = None) -> None:
+        """Start from data object KEY's bytes (copy-on-write of a committed file).
 
         With SUMS (the version's per-block CRC32Cs) every block is checked as
         it is copied: a new version must never turn corrupt bytes into valid
         ones by checksumming them afresh.
         """
         self._check_room(size)
+        base = data_offset(key)
         off = 0
         while off < size:
-            chunk = reader.pread(min(COPY_CHUNK, size - off), HEADER_SIZE + off)
-            if len(chunk) < min(COPY_CHUNK, size - off):
+            want = min(COPY_CHUNK, size - off)
+            chunk = reader.pread(want, base + off)
+            if len(chunk) < want:
                 raise Corrupt(f"object truncated: {size - off - len(chunk)} bytes missing")
             if sums:
                 check_blocks(chunk, off, sums)
-            self.writer.pwrite(chunk, HEADER_SIZE + off)
+            self.writer.pwrite(chunk, off)
             self.crc.update(chunk, off)
             off += len(chunk)
-        self.size = off
+        self._size = off
 
     def write(self, data, offset: int) -> int:
         end = offset + len(data)
         self._check_size(end)  # refused before any byte moves: the version stays whole
         try:
             self._check_room(end)
-            n = self.writer.pwrite(data, HEADER_SIZE + offset)
+            n = self.writer.pwrite(data, offset)
         except Exception as exc:
             self.failed = exc
             raise
         self.crc.update(data, offset)
-        if end > self.size:
-            self.size = end
-        self.dirty = True
+        if end > self._size:
+            self._size = end
+        self._dirty = True
         return n
 
     def read(self, size: int, offset: int) -> bytes:
         size = max(0, min(size, self.size - offset))
         if size == 0:
             return b""
-        return self.writer.pread(size, HEADER_SIZE + offset)
+        return self.writer.pread(size, offset)
 
     def truncate(self, size: int) -> None:
         self._check_room(size)
-        self.writer.truncate(HEADER_SIZE + size)
+        self.writer.truncate(size)
         self.crc.truncated(size)
-        self.size = size
-        self.dirty = True
+        self._size = size
+        self._dirty = True
+
+    # -- the commit ----------------------------------------------------------------------
+
+    def check_final_size(self) -> None:
+        """Bytes the kernel wrote past the limits are refused at the commit."""
+        self._check_room(self.size)
 
     def checksum(self) -> tuple[str, list[int]]:
         """(file checksum, per-block CRC32Cs) of the staged bytes."""
-        sums = self.crc.result(self.size)
+        size = self.size
+        sums = self.crc.result(size)
         if sums is None:
-            sums = sums_of(lambda n, off: self.writer.pread(n, HEADER_SIZE + off), self.size)
+            sums = sums_of(self.writer.pread, size, getattr(self.writer, "data_ranges", None))
         return block_checksum(sums), sums
 
     def commit_object(self, header: bytes) -> None:
-        """Write the header and make the object durable and visible in the store."""
-        if self.writer.size() < HEADER_SIZE + self.size:
-            self.writer.truncate(HEADER_SIZE + self.size)
-        self.writer.pwrite(header, 0)
+        """Make the header, then the data, durable and visible in the store."""
+        size = self.size
+        if self.writer.size() < size:
+            self.writer.truncate(size)
+        self.store.put(header_key(self.key), header)
         self.writer.commit()
         self.closed = True
 

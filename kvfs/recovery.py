@@ -4,14 +4,18 @@ import logging
 import sys
 import time
 
-from .errors import Corrupt, Exists, KvfsError
+from .errors import Corrupt, Exists, KvfsError, NotFound
 from .meta import EtcdMeta
 from .objects import (
+    DATA_SUFFIX,
     HEADER_SIZE,
     block_checksum,
+    data_offset,
     decode_header,
     decode_xattrs,
     encode_blocks,
+    header_key,
+    is_legacy,
     sums_of,
 )
 from .records import Entry, SessionInfo
@@ -54,17 +58,32 @@ def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
     bad: list[str] = []
     superseded: list[str] = []
     for i, key in enumerate(keys):
+        if progress:
+            progress(i + 1, len(keys))
+        if not (key.endswith(DATA_SUFFIX) or is_legacy(key)):
+            continue  # a header: read with its data object
         try:
-            meta, offset, size = decode_header(store.get(key, 0, HEADER_SIZE))
-            if offset != HEADER_SIZE:
-                raise Corrupt("unexpected data offset")
+            if is_legacy(key):
+                meta, offset, size = decode_header(store.get(key, 0, HEADER_SIZE))
+                if offset != HEADER_SIZE:
+                    raise Corrupt("unexpected data offset")
+            else:
+                try:
+                    head = store.get(header_key(key))
+                except NotFound:
+                    # its file was deleted (the header goes first), or its
+                    # commit never got that far: nothing to restore
+                    superseded.append(key)
+                    continue
+                meta, _, size = decode_header(head)
+            base = data_offset(key)
             st = store.stat(key)
-            if st.size < HEADER_SIZE + size:
-                raise Corrupt(f"truncated: {st.size - HEADER_SIZE} of {size} bytes")
+            if st.size < base + size:
+                raise Corrupt(f"truncated: {st.size - base} of {size} bytes")
             # the block sums live in etcd only: recompute them, and check the bytes
             reader = store.reader(key)
             try:
-                sums = sums_of(lambda n, off, r=reader: r.pread(n, HEADER_SIZE + off), size)
+                sums = sums_of(lambda n, off, r=reader, b=base: r.pread(n, b + off), size)
             finally:
                 reader.close()
             if block_checksum(sums) != meta["checksum"]:
@@ -99,8 +118,6 @@ def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
             best[k] = e
         else:
             superseded.append(key)
-        if progress:
-            progress(i + 1, len(keys))
     if progress and not keys:
         progress(0, 0)
     return best, bad + superseded
@@ -109,6 +126,9 @@ def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
 def recover(store: Store, meta: EtcdMeta, progress=None, delete_stale: bool = False) -> dict:
     """Publish every object found in STORE whose name etcd does not already hold."""
     best, stale = scan(store, progress)
+    # on a live mount etcd is the truth: an object it already names (under
+    # any name, e.g. after a rename) is never restored a second time
+    referenced = {e.object for e in meta.iter_all_entries()}
     sessions: dict[str, SessionInfo] = {}
     for e in best.values():
         s = sessions.setdefault(e.session, SessionInfo(e.session, ctime_ns=e.ctime_ns))
@@ -122,6 +142,9 @@ def recover(store: Store, meta: EtcdMeta, progress=None, delete_stale: bool = Fa
         except Exists:
             pass
     for e in best.values():
+        if e.object in referenced:
+            kept += 1
+            continue
         current = meta.get_entry(e.session, e.name)
         if current is not None:
             kept += 1  # etcd still knows this name: it is the truth
@@ -133,6 +156,9 @@ def recover(store: Store, meta: EtcdMeta, progress=None, delete_stale: bool = Fa
             log.warning("could not restore %s/%s: %s", e.session, e.name, exc)
     if delete_stale:
         for key in stale:
+            if key in referenced:
+                continue
+            store.delete(header_key(key))
             store.delete(key)
     return {
         "objects": len(best) + len(stale),

@@ -12,12 +12,16 @@ from kvfs.errors import InvalidName, KvfsError
 from kvfs.metacache import MetaCache
 from kvfs.names import check_name
 from kvfs.objects import (
+    BLOCK,
     HEADER_SIZE,
     BlockSums,
+    data_offset,
     decode_blocks,
     decode_header,
     encode_blocks,
     encode_header,
+    header_key,
+    new_object_key,
     sums_of,
 )
 from kvfs.records import Entry, SessionInfo, WatchEvent
@@ -37,9 +41,22 @@ def test_name_length():
     assert e.value.errno == errno.ENAMETOOLONG
 
 
-def test_object_is_a_valid_safetensors_file(tmp_path):
+def test_header_and_data_make_a_valid_safetensors_file(tmp_path):
+    # the header object followed by the data object is a safetensors file:
+    # any safetensors reader can inspect a store by hand
     data = bytes(range(256)) * 40
     header = encode_header({"session": "s", "name": "layer.0", "size": len(data)}, len(data))
+    (tmp_path / "o.st").write_bytes(header + data)
+    with safe_open(str(tmp_path / "o.st"), framework="numpy") as f:
+        assert f.get_tensor("data").tobytes() == data
+    meta, offset, size = decode_header(header)
+    assert (meta["name"], offset, size) == ("layer.0", len(header), len(data))
+
+
+def test_legacy_object_is_a_valid_safetensors_file(tmp_path):
+    data = bytes(range(256)) * 40
+    meta = {"session": "s", "name": "layer.0", "size": len(data)}
+    header = encode_header(meta, len(data), HEADER_SIZE)
     assert len(header) == HEADER_SIZE
     (tmp_path / "o.kv").write_bytes(header + data)
     with safe_open(str(tmp_path / "o.kv"), framework="numpy") as f:
@@ -48,6 +65,29 @@ def test_object_is_a_valid_safetensors_file(tmp_path):
     meta, offset, size = decode_header(header)
     assert (meta["session"], meta["name"], offset, size) == ("s", "layer.0", HEADER_SIZE, len(data))
     assert load(header + data)["data"].tobytes() == data
+
+
+def test_object_keys():
+    version, key = new_object_key()
+    assert key == f"{version[:2]}/{version}.kvd" and data_offset(key) == 0
+    assert header_key(key) == f"{version[:2]}/{version}.kvh"
+    assert data_offset("ab/abc.kv") == HEADER_SIZE and header_key("ab/abc.kv") == "ab/abc.kv"
+
+
+def test_sums_of_skips_holes():
+    size = 5 * BLOCK + 7
+    data = bytearray(size)
+    data[2 * BLOCK + 3] = 1
+    reads = []
+
+    def read(n, off):
+        reads.append(off)
+        return bytes(data[off : off + n])
+
+    dense = sums_of(read, size)
+    reads.clear()
+    sparse = sums_of(read, size, lambda s: [(2 * BLOCK, 2 * BLOCK + 4096)])
+    assert sparse == dense and reads == [2 * BLOCK]
 
 
 def test_empty_object_and_unicode_names():

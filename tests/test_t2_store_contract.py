@@ -150,3 +150,32 @@ def test_third_party_store_registers_by_entry_point(tmp_path):
         check=True,
     ).stdout
     assert out.strip() == "acme:bucket"
+
+
+def test_passthrough_descriptors(store):
+    # a store of local files lends the kernel descriptors; others say None
+    w = store.writer("gg/pt.kvd")
+    fd = w.fileno()
+    if isinstance(store, LocalStore):
+        os.pwrite(fd, b"written by the kernel", 0)
+        w.commit()
+        w.forget_intent()
+        rfd = store.open_fd("gg/pt.kvd")
+        try:
+            assert os.pread(rfd, 100, 0) == b"written by the kernel"
+        finally:
+            os.close(rfd)
+    else:
+        assert fd is None and store.open_fd("gg/pt.kvd") is None
+        w.abort()
+
+
+def test_local_data_ranges_find_the_holes(tmp_path):
+    s = LocalStore(str(tmp_path / "st"), node="n1")
+    w = s.writer("hh/sparse.kvd")
+    w.truncate(64 << 20)
+    w.pwrite(b"x" * 10, 32 << 20)
+    ranges = list(w.data_ranges(64 << 20))
+    assert sum(e - st for st, e in ranges) < (2 << 20)  # not the whole file
+    assert any(st <= 32 << 20 < e for st, e in ranges)
+    w.abort()

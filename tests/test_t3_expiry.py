@@ -11,7 +11,7 @@ from kvfstest import KVFS, wait_for
 
 
 def objects(m):
-    return list((m.store / "objects").rglob("*.kv"))
+    return list((m.store / "objects").rglob("*.kvd"))
 
 
 def test_expired_entries_and_their_data_go(make_mount):

@@ -144,7 +144,7 @@ def test_concurrent_writers_one_whole_version(kvfs_mount):
     assert (p / "f").read_bytes() in payloads
     # only one object remains in the store for the name
     wait_for(
-        lambda: len(list((kvfs_mount.store / "objects").rglob("*.kv"))) == 1,
+        lambda: len(list((kvfs_mount.store / "objects").rglob("*.kvd"))) == 1,
         5,
         what="replaced objects deleted",
     )
@@ -178,7 +178,7 @@ def test_coreutils(kvfs_mount, tmp_path):
     sh("rm", "-r", str(root / "t"))
     assert os.listdir(root) == []
     wait_for(
-        lambda: not list((kvfs_mount.store / "objects").rglob("*.kv")),
+        lambda: not list((kvfs_mount.store / "objects").rglob("*.kvd")),
         5,
         what="objects of removed files deleted",
     )

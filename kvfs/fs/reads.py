@@ -7,7 +7,7 @@ import trio
 
 from ..errors import Corrupt, KvfsError, NotFound
 from ..namespace import Namespace
-from ..objects import BLOCK, HEADER_SIZE, check_blocks, decode_blocks
+from ..objects import BLOCK, check_blocks, data_offset, decode_blocks
 from ..records import Entry
 from .handles import Handle
 from .inodes import VersionNode
@@ -83,7 +83,7 @@ def read_verified(h: Handle, off: int, size: int, nowait: bool = False):
     if not sums:  # metadata without block sums (written by an older kvfs)
         start, end = off, off + size
     read = h.reader.pread_nowait if nowait else h.reader.pread
-    buf = read(end - start, HEADER_SIZE + start)
+    buf = read(end - start, data_offset(entry.object) + start)
     if len(buf) < end - start:
         raise Corrupt(f"object truncated: {end - start - len(buf)} bytes missing at {start}")
     if sums:

@@ -42,6 +42,11 @@ class StoreWriter(ABC):
     def commit(self) -> None:
         """Make the object durable and visible under its key."""
 
+    def fileno(self) -> int | None:
+        """A descriptor of the staged file the kernel may write directly (FUSE
+        passthrough); None where the store stages elsewhere than a local file."""
+        return None
+
     def forget_intent(self) -> None:  # noqa: B027 - a store without intent records has nothing to do
         """The commit is final (etcd has it): forget the intent record; never raises."""
 
@@ -103,6 +108,12 @@ class Store(ABC):
 
     def reader(self, key: str) -> StoreReader:
         return _GetReader(self, key)
+
+    def open_fd(self, key: str) -> int | None:
+        """A read-only descriptor of object KEY for the kernel to read directly
+        (FUSE passthrough), which the caller closes; None where objects are not
+        local files."""
+        return None
 
     def rewrite_header(self, key: str, data: bytes) -> None:
         """Overwrite the first len(DATA) bytes of KEY in place (kvfs's header).

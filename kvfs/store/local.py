@@ -66,6 +66,25 @@ class LocalWriter(StoreWriter):
     def size(self) -> int:
         return os.fstat(self._fd).st_size
 
+    def fileno(self) -> int:
+        return self._fd
+
+    def data_ranges(self, size: int):
+        """(start, end) extents holding data, from SEEK_DATA/SEEK_HOLE."""
+        off = 0
+        try:
+            while off < size:
+                start = os.lseek(self._fd, off, os.SEEK_DATA)
+                end = min(os.lseek(self._fd, start, os.SEEK_HOLE), size)
+                if start >= size:
+                    return
+                yield start, end
+                off = end
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after OFF
+                return
+            yield off, size  # no hole support: read it all
+
     def commit(self) -> None:
         path = self._store.path(self._key)
         try:
@@ -232,6 +251,12 @@ class LocalStore(Store):
 
     def reader(self, key: str) -> StoreReader:
         return LocalReader(self.path(key), key, self)
+
+    def open_fd(self, key: str) -> int:
+        try:
+            return os.open(self.path(key), os.O_RDONLY)
+        except OSError as exc:
+            raise _oserror(exc, f"open {key}") from exc
 
     def rewrite_header(self, key: str, data: bytes) -> None:
         try:
