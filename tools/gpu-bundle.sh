@@ -33,7 +33,8 @@ tar -xzf "$B"/src/pyfuse3-3.5.0.tar.gz -C "$B"/src
 patch -s -d "$B"/src/pyfuse3-3.5.0 -p1 <tools/patches/pyfuse3-passthrough.patch
 rm -f "$B"/src/pyfuse3-3.5.0/src/pyfuse3/__init__.c # Cython output of the unpatched .pyx
 # No rpath: the library sits elsewhere there; env.sh puts it on LD_LIBRARY_PATH
-PKG_CONFIG_PATH=$LIBFUSE/lib/pkgconfig SETUPTOOLS_SCM_PRETEND_VERSION=3.5.0+passthrough \
+V=3.5.0+passthrough.sha$(sha256sum tools/patches/pyfuse3-passthrough.patch | cut -c1-8) # as setup.sh
+PKG_CONFIG_PATH=$LIBFUSE/lib/pkgconfig SETUPTOOLS_SCM_PRETEND_VERSION=$V \
   "$PY312" -m pip wheel -q --no-deps -w "$B"/whl "$B"/src/pyfuse3-3.5.0
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \

@@ -37,6 +37,8 @@ PY=${PYTHON:-python3}
 # cannot clash with the system's .so.3), and pyfuse3 from its sdist with our
 # patch, linked to that prefix by rpath. Both live in .venv, as one unit.
 LIBFUSE=$PWD/.venv/libfuse
+# the patch's hash in the version: a changed patch rebuilds on the next run
+PYFUSE3_VERSION=3.5.0+passthrough.sha$(sha256sum tools/patches/pyfuse3-passthrough.patch | cut -c1-8)
 build_libfuse() {
     local w=$1 o venv_bin=$PWD/.venv/bin
     mkdir -p "$w"/apt/lists/partial "$w"/apt/archives/partial "$w"/src
@@ -61,7 +63,8 @@ build_libfuse() {
 }
 build_pyfuse3() {
     local w=$1
-    .venv/bin/pip download -q --no-binary :all: --no-deps -d "$w" pyfuse3==3.5.0
+    # --no-binary pyfuse3, not :all:, which compiles its build tools (Cython) too: minutes
+    .venv/bin/pip download -q --no-binary pyfuse3 --no-deps -d "$w" pyfuse3==3.5.0
     # the patch is written against exactly this sdist
     echo "88399a9494b88603230bba300f4ba9ad63fece5ed514ca3633d555a0c6a42b24  $w/pyfuse3-3.5.0.tar.gz" |
         sha256sum -c --quiet
@@ -70,10 +73,11 @@ build_pyfuse3() {
     # the sdist ships Cython's C output of the unpatched .pyx
     rm -f "$w"/pyfuse3-3.5.0/src/pyfuse3/__init__.c
     PKG_CONFIG_PATH=$LIBFUSE/lib/pkgconfig LDFLAGS="-Wl,-rpath,$LIBFUSE/lib" \
-        SETUPTOOLS_SCM_PRETEND_VERSION=3.5.0+passthrough \
+        SETUPTOOLS_SCM_PRETEND_VERSION=$PYFUSE3_VERSION \
         .venv/bin/pip install -q --no-deps --force-reinstall "$w"/pyfuse3-3.5.0
 }
-if ! .venv/bin/python -c 'import pyfuse3; pyfuse3.passthrough_open' 2>/dev/null; then
+have=$(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("pyfuse3"))' 2>/dev/null || true)
+if [ ! -e "$LIBFUSE"/lib/libfuse3.so.4 ] || [ "$have" != "$PYFUSE3_VERSION" ]; then
     work=$(mktemp -d)
     trap 'rm -rf "$work"' EXIT
     # (an `if`, not `||`: set -e does not reach into a function left of `||`)
