@@ -49,7 +49,7 @@ class MetaCache:
         self._layers: OrderedDict[tuple, object] = OrderedDict()  # key -> Entry | (_ABSENT, rev)
         self._recent: OrderedDict[tuple, Entry] = OrderedDict()
         self.epoch = 0  # bumped by every watch event and invalidation
-        self.stats = {"session": LevelStats(), "layer": LevelStats(), "recent": LevelStats()}
+        self._stats = {"session": LevelStats(), "layer": LevelStats(), "recent": LevelStats()}
 
     # -- reads -------------------------------------------------------------------
 
@@ -59,45 +59,45 @@ class MetaCache:
         e = self._recent.get(key)
         if e is not None:
             self._recent.move_to_end(key)
-            self.stats["recent"].hits += 1
+            self._stats["recent"].hits += 1
             return True, e
-        self.stats["recent"].misses += 1
+        self._stats["recent"].misses += 1
         item = self._layers.get(key)
         if item is not None:
             self._layers.move_to_end(key)
-            self.stats["layer"].hits += 1
+            self._stats["layer"].hits += 1
             if isinstance(item, tuple):
                 return True, None
             self._remember_recent(item)
             return True, item
-        self.stats["layer"].misses += 1
+        self._stats["layer"].misses += 1
         s = self._sessions.get(session)
         if s is not None and (s.info is None or s.listing is not None):
-            self.stats["session"].hits += 1
+            self._stats["session"].hits += 1
             if s.info is None:
                 return True, None
             e = s.listing.entries.get(name)
             if e is not None:
                 self._remember_recent(e)
             return True, e
-        self.stats["session"].misses += 1
+        self._stats["session"].misses += 1
         return False, None
 
     def lookup_session(self, session: str):
         s = self._sessions.get(session)
         if s is None:
-            self.stats["session"].misses += 1
+            self._stats["session"].misses += 1
             return False, None
         self._sessions.move_to_end(session)
-        self.stats["session"].hits += 1
+        self._stats["session"].hits += 1
         return True, s.info
 
     def listing(self, session: str) -> list[Entry] | None:
         s = self._sessions.get(session)
         if s is None or s.listing is None:
-            self.stats["session"].misses += 1
+            self._stats["session"].misses += 1
             return None
-        self.stats["session"].hits += 1
+        self._stats["session"].hits += 1
         return list(s.listing.entries.values())
 
     # -- fills from etcd -----------------------------------------------------------
@@ -216,7 +216,8 @@ class MetaCache:
         return item
 
     def statistics(self) -> dict:
-        out = {level: s.as_dict() for level, s in self.stats.items()}
+        """Hits and misses per level, and each level's size, for `kvfs status`."""
+        out = {level: s.as_dict() for level, s in self._stats.items()}
         out["sizes"] = {
             "session": len(self._sessions),
             "layer": len(self._layers),

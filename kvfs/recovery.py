@@ -5,7 +5,7 @@ import sys
 import time
 
 from .errors import Corrupt, Exists, KvfsError, NotFound
-from .meta import EtcdMeta
+from .meta import Meta
 from .objects import (
     DATA_SUFFIX,
     HEADER_SIZE,
@@ -123,7 +123,7 @@ def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
     return best, bad + superseded
 
 
-def recover(store: Store, meta: EtcdMeta, progress=None, delete_stale: bool = False) -> dict:
+def recover(store: Store, meta: Meta, progress=None, delete_stale: bool = False) -> dict:
     """Publish every object found in STORE whose name etcd does not already hold."""
     best, stale = scan(store, progress)
     # on a live mount etcd is the truth: an object it already names (under

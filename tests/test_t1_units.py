@@ -185,7 +185,8 @@ def test_cache_levels_and_coherence():
     c.fill_entry("s", "a", _entry("a", 5), c.epoch)
     assert c.lookup_entry("s", "a")[1].rev == 5  # from the layer level
     assert c.lookup_entry("s", "a")[1].rev == 5  # now from the recent level
-    assert c.stats["layer"].hits == 1 and c.stats["recent"].hits == 1
+    st = c.statistics()
+    assert st["layer"]["hits"] == 1 and st["recent"]["hits"] == 1
     # a watch event replaces it; an older event arriving late does not
     c.apply(WatchEvent("entry", "s", "a", _entry("a", 7).to_json(), 7))
     c.apply(WatchEvent("entry", "s", "a", _entry("a", 6).to_json(), 6))
@@ -206,7 +207,7 @@ def test_cache_session_listing_answers_negatives_and_is_bounded():
     c = MetaCache(max_sessions=2, max_layers=3, max_recent=1)
     c.fill_listing("s", SessionInfo("s", rev=1), [_entry("a", 2)], c.epoch)
     assert c.lookup_entry("s", "zzz") == (True, None)
-    assert c.stats["session"].hits == 1
+    assert c.statistics()["session"]["hits"] == 1
     for i in range(10):
         c.fill_entry("t", f"n{i}", _entry(f"n{i}", i + 1, session="t"), c.epoch)
         c.fill_session(f"x{i}", SessionInfo(f"x{i}", rev=1), c.epoch)

@@ -7,8 +7,7 @@ import uuid
 import pytest
 
 from kvfs.errors import Conflict, Exists, MetaUnavailable, NotEmpty, NotFound
-from kvfs.memmeta import MemoryMeta
-from kvfs.meta import EtcdMeta
+from kvfs.meta import EtcdMeta, MemoryMeta
 from kvfs.records import Entry, SessionInfo
 
 

@@ -14,7 +14,7 @@ import trio
 
 from kvfs.errors import KvfsError
 from kvfs.fs import ROOT, Operations
-from kvfs.memmeta import MemoryMeta
+from kvfs.meta import MemoryMeta
 from kvfs.metacache import MetaCache
 from kvfs.namespace import Namespace
 from kvfs.store.memory import MemoryStore

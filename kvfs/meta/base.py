@@ -6,19 +6,27 @@ method either does what it says or raises a `KvfsError`: `NotFound`,
 and retry) or `MetaUnavailable` (the store of metadata did not answer in
 time; a change may or may not have been applied). `tests/test_t2_meta_contract.py`
 holds every implementation to the same behaviour.
+
+Counters are read through `statistics()`, spelled as trio spells it and as every
+inspectable kvfs object does (`Operations`, `MetaCache`); the dict behind it is private.
 """
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 
-from .records import Entry, SessionInfo
+from ..records import Entry, SessionInfo
 
 
 class Meta(ABC):
-    #: counters shown in `kvfs status` (calls, errors, failovers)
-    stats: dict
     #: (host, port) of each member, for status lines
     endpoints: list
+
+    def __init__(self):
+        self._stats = {"calls": 0, "errors": 0, "failovers": 0}
+
+    def statistics(self) -> dict:
+        """Counters shown in `kvfs status`: calls, errors, failovers."""
+        return dict(self._stats)
 
     # -- sessions ------------------------------------------------------------------
 

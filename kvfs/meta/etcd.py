@@ -19,8 +19,9 @@ import pyetcd
 from pyetcd import etcdrpc
 from pyetcd import exceptions as etcd_exc
 
-from .errors import Conflict, Exists, KvfsError, MetaUnavailable, NotEmpty, NotFound
-from .records import Entry, SessionInfo, WatchEvent
+from ..errors import Conflict, Exists, KvfsError, MetaUnavailable, NotEmpty, NotFound
+from ..records import Entry, SessionInfo, WatchEvent
+from .base import Meta
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def parse_endpoints(spec) -> list[tuple[str, int]]:
     return out
 
 
-class EtcdMeta:
+class EtcdMeta(Meta):
     """Blocking etcd access; the daemon calls it from worker threads."""
 
     def __init__(
@@ -89,6 +90,7 @@ class EtcdMeta:
         user: str | None = None,
         password: str | None = None,
     ):
+        super().__init__()
         self.endpoints = parse_endpoints(endpoints)
         self.prefix = prefix.encode() if isinstance(prefix, str) else prefix
         self.timeout = timeout
@@ -108,7 +110,6 @@ class EtcdMeta:
             )
             for h, p in self.endpoints
         ]
-        self.stats = {"calls": 0, "errors": 0, "failovers": 0}
         self._lock = threading.Lock()
         try:
             self.client = pyetcd.MultiEndpointEtcd3Client(
@@ -143,13 +144,13 @@ class EtcdMeta:
         attempts = len(self.endpoints) + 1
         first = None
         for _ in range(attempts):
-            self.stats["calls"] += 1
+            self._stats["calls"] += 1
             try:
                 result = fn(*args, **kwargs)
             except etcd_exc.PreconditionFailedError:
                 # pyetcd's name for gRPC's FAILED_PRECONDITION: a refusal, not
                 # an outage (it would otherwise escape as a foreign exception)
-                self.stats["errors"] += 1
+                self._stats["errors"] += 1
                 raise KvfsError("etcd refused: failed precondition") from None
             except _TRANSIENT as exc:
                 if isinstance(exc, grpc.RpcError) and exc.code() in (
@@ -158,16 +159,16 @@ class EtcdMeta:
                     grpc.StatusCode.INVALID_ARGUMENT,
                     grpc.StatusCode.FAILED_PRECONDITION,
                 ):
-                    self.stats["errors"] += 1
+                    self._stats["errors"] += 1
                     raise KvfsError(f"etcd refused: {_rpc_text(exc)}") from None
-                self.stats["errors"] += 1
+                self._stats["errors"] += 1
                 # the first error is the cause; later ones are mostly "no
                 # member left to try" because the first marked it failed
                 first = first or exc
                 continue
             label = self.client._current_endpoint_label
             if label != self._last_endpoint:
-                self.stats["failovers"] += 1
+                self._stats["failovers"] += 1
                 log.warning("etcd: now using %s (was %s)", label, self._last_endpoint)
                 self._last_endpoint = label
             return result

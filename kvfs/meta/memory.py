@@ -8,14 +8,14 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from .errors import Conflict, Exists, NotEmpty, NotFound
-from .metabase import Meta
-from .records import Entry, SessionInfo, WatchEvent
+from ..errors import Conflict, Exists, NotEmpty, NotFound
+from ..records import Entry, SessionInfo, WatchEvent
+from .base import Meta
 
 
 class MemoryMeta(Meta):
     def __init__(self):
-        self.stats = {"calls": 0, "errors": 0, "failovers": 0}
+        super().__init__()
         self.endpoints = [("memory", 0)]
         self._lock = threading.RLock()
         self._rev = 1
