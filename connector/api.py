@@ -17,17 +17,27 @@ same chunk files the vLLM connector writes, under keys of their own.
 from __future__ import annotations
 
 import enum
+import threading
 from collections.abc import Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .cachedir import CacheDir, NotMounted
-from .chunkfile import DTYPES, ChunkError, chunk_metadata
+from .chunkfile import DTYPES, ChunkError, ChunkFile, chunk_metadata, tensor_bytes
 from .counters import Counters
 from .keys import KeySpace, chain_root, derived_session, token_chain, valid_session
 from .settings import as_flag, as_mode
+from .transfer import Mover
+
+# Reads are issued in pieces of whole layers of about this size: small enough
+# that a few chunks keep every I/O thread busy, large enough that a piece is
+# one long copy per layer.
+PIECE_BYTES = 8 << 20
+# GPU scratch for gathering a group of chunks out of the per-layer tensors
+GATHER_BYTES = 256 << 20
 
 
 class StoreStatus(enum.Enum):
@@ -63,6 +73,9 @@ class EngineConfig:
     require_kvfs: bool = True  # refuse a mount path that is not a live kvfs mount
     file_mode: int = 0o600  # chunk files hold prompts: private unless shared on purpose
     dir_mode: int = 0o700
+    device: str = "cpu"  # where retrieve_kv puts the KV unless told otherwise
+    io_threads: int = 0  # parallel file reads and writes; 0: up to 8, by cores
+    host_buffer_bytes: int = 512 << 20  # reusable (pinned on a GPU) host buffers
 
     @classmethod
     def from_any(cls, config: Any = None, **overrides) -> EngineConfig:
@@ -82,6 +95,11 @@ class EngineConfig:
         for k in ("file_mode", "dir_mode"):
             if k in known:
                 known[k] = as_mode(known[k], k)
+        for k in ("io_threads", "host_buffer_bytes", "num_layers", "token_dim", "chunk_size"):
+            if k in known:
+                known[k] = int(known[k])
+        if "device" in known:
+            known["device"] = str(known["device"])
         cfg = cls(**known)
         if not cfg.model_id or cfg.num_layers <= 0:
             raise ValueError("init_engine needs model_id and num_layers")
@@ -113,6 +131,10 @@ class KVEngine:
             dir_mode=config.dir_mode,
             counters=self.counters,
         )
+        self.mover = Mover(config.io_threads, config.host_buffer_bytes)
+
+    def close(self) -> None:
+        self.mover.close()
 
     # -- names -------------------------------------------------------------------
 
@@ -153,41 +175,121 @@ class KVEngine:
         """Write every whole chunk of `token_ids` that is not cached yet.
 
         `kv_caches[i]` is layer i's KV with the token positions on `token_dim`
-        (at least as many as the tokens stored). Returns tokens written."""
+        (at least as many as the tokens stored), on the CPU or a GPU. Returns
+        tokens written.
+
+        On a GPU: chunks are gathered on the GPU (one strided copy per layer
+        for a group of chunks), copied to pinned host buffers asynchronously
+        on a side stream, and each chunk file is checksummed and written by an
+        I/O thread as soon as its copy lands, while later chunks are still
+        being copied. Chunk files may appear out of order; a reader only ever
+        takes the longest present prefix."""
         if store_status is StoreStatus.SKIPPED:
             return 0
         cfg = self.config
         if len(kv_caches) != cfg.num_layers:
             raise ValueError(f"{len(kv_caches)} layers given, engine has {cfg.num_layers}")
+        for t in kv_caches:
+            if str(t.dtype).removeprefix("torch.") != cfg.dtype:
+                raise ValueError(f"tensor dtype {t.dtype}, engine dtype {cfg.dtype}")
         ids = [int(t) for t in token_ids]
         links = token_chain(ids, cfg.chunk_size)
         name = self._session(links, session)
-        if name is None:
+        if name is None or not self.cache.live():
             return 0
+        todo = [
+            i for i, link in enumerate(links) if not self.cache.exists(name, self._file(i, link))
+        ]
+        if not todo:
+            return 0
+        kvs = [kv.detach() for kv in kv_caches]
+        device = kvs[0].device
+        if any(kv.device != device for kv in kvs):
+            raise ValueError("all layers must be on one device")
+        td, C = cfg.token_dim, cfg.chunk_size
+        chunk_shape = list(kvs[0].shape)
+        chunk_shape[td] = C
+        dtype = kvs[0].dtype
+        layer_bytes = _numel(chunk_shape) * dtype.itemsize
+        for kv in kvs:
+            if (
+                list(kv.shape[:td]) + list(kv.shape[td + 1 :])
+                != chunk_shape[:td] + chunk_shape[td + 1 :]
+            ):
+                raise ValueError("all layers must have the same shape")
+        L = len(kvs)
+        chunk_bytes = L * layer_bytes
+        buffers = self.mover.buffers(device)
+        pool = self.mover.pool
+        cuda = device.type == "cuda"
+        futures: list[Future] = []
         root = chain_root()
-        written = 0
-        for i, link in enumerate(links):
-            file_name = self.space.file_name(i, link)
-            if self.cache.exists(name, file_name):
-                continue
-            start = i * cfg.chunk_size
-            tensors = {
-                layer: kv.narrow(cfg.token_dim, start, cfg.chunk_size).detach().cpu().contiguous()
-                for layer, kv in zip(self.layer_names, kv_caches, strict=True)
-            }
-            for t in tensors.values():
-                if str(t.dtype).removeprefix("torch.") != cfg.dtype:
-                    raise ValueError(f"tensor dtype {t.dtype}, engine dtype {cfg.dtype}")
-            parent = links[i - 1] if i else root
-            tokens = ids[start : start + cfg.chunk_size]
-            meta = chunk_metadata(self.space, name, i, link, parent, tokens, self.layer_names)
+
+        def write(i: int, buf: torch.Tensor, event) -> int:
             try:
-                n = self.cache.write(name, file_name, tensors, meta)
-            except NotMounted:
-                break  # counted; nothing is written outside a live mount
-            if n is not None:
-                written += cfg.chunk_size
+                if event is not None:
+                    event.synchronize()  # the chunk's GPU->host copy has landed
+                else:  # the CPU: gather here, in parallel with other chunks' writes
+                    _gather_cpu(kvs, td, i * C, C, buf, chunk_shape)
+                tensors = {
+                    layer: buf[j * layer_bytes : (j + 1) * layer_bytes]
+                    .view(dtype)
+                    .view(chunk_shape)
+                    for j, layer in enumerate(self.layer_names)
+                }
+                tokens = ids[i * C : (i + 1) * C]
+                parent = links[i - 1] if i else root
+                meta = chunk_metadata(
+                    self.space, name, i, links[i], parent, tokens, self.layer_names
+                )
+                n = self.cache.write(name, self._file(i, links[i]), tensors, meta)
+                return C if n is not None else 0
+            finally:
+                buffers.put(buf)
+
+        try:
+            with torch.no_grad():
+                if cuda:
+                    stream = self.mover.stream(device)
+                    # The KV was computed on the caller's stream: copy after it.
+                    stream.wait_stream(torch.cuda.current_stream(device))
+                group = max(1, GATHER_BYTES // chunk_bytes)
+                pos = 0
+                while pos < len(todo):
+                    first = todo[pos]
+                    members = [i for i in todo[pos:] if i < first + group]
+                    pos += len(members)
+                    span = members[-1] - first + 1
+                    gathered = None
+                    if cuda:
+                        with torch.cuda.stream(stream):
+                            gathered = _gather_gpu(kvs, td, first, span, C, chunk_shape)
+                    for i in members:
+                        buf = buffers.get(chunk_bytes)  # waits while all are being written
+                        event = None
+                        if cuda:
+                            with torch.cuda.stream(stream):
+                                src = gathered[i - first].reshape(-1).view(torch.uint8)
+                                buf.copy_(src, non_blocking=True)
+                                event = torch.cuda.Event()
+                                event.record(stream)
+                        futures.append(pool.submit(write, i, buf, event))
+                    del gathered  # freed in stream order: safe to reuse on `stream`
+        finally:
+            written, failure = 0, None
+            for fut in futures:
+                try:
+                    written += fut.result()
+                except NotMounted:
+                    pass  # counted; nothing is written outside a live mount
+                except BaseException as e:  # noqa: BLE001 - re-raised below
+                    failure = failure or e
+        if failure is not None:
+            raise failure
         return written
+
+    def _file(self, i: int, link: bytes) -> str:
+        return self.space.file_name(i, link)
 
     def should_retrieve(self, token_ids: Sequence[int], session: str | None = None):
         if self.cached_tokens(token_ids, session) > 0:
@@ -199,52 +301,233 @@ class KVEngine:
         token_ids: Sequence[int],
         retrieve_status: RetrieveStatus | None = None,
         session: str | None = None,
+        device: str | torch.device | None = None,
     ) -> RetrieveResult:
-        """KV of the longest cached prefix of `token_ids`, in whole chunks.
+        """KV of the longest cached prefix of `token_ids`, in whole chunks, on
+        `device` (the engine's `device` by default).
 
-        Chunks are read and validated in order; the first missing or invalid
-        one ends the prefix (an invalid one is listed in `errors`)."""
+        Chunks are opened and validated, then read in parallel, layer groups
+        straight into host buffers (pinned on a GPU) and copied to the device
+        asynchronously while later pieces are read. The first missing or
+        invalid chunk ends the prefix (an invalid one is listed in `errors`).
+        On a GPU the result is ready for work queued on the caller's current
+        stream (which waits for the copies) without the CPU waiting for them.
+        The per-layer tensors are views of one tensor with the layers first."""
         miss = RetrieveResult(RetrieveStatus.MISS, 0, [], [])
         if retrieve_status is RetrieveStatus.MISS:
             return miss
         cfg = self.config
+        device = torch.device(device if device is not None else cfg.device)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
         ids = [int(t) for t in token_ids]
         links = token_chain(ids, cfg.chunk_size)
         name = self._session(links, session)
-        root = chain_root()
         if name is None or not self.cache.live():
             return miss
-        per_layer: list[list[torch.Tensor]] = [[] for _ in self.layer_names]
-        errors: list[str] = []
-        shape = None
-        for i, link in enumerate(links):
-            try:
-                with self.cache.open(name, self.space.file_name(i, link)) as f:
-                    f.expect(self.space.header(link, links[i - 1] if i else root))
-                    layers = [f.read_tensor(n, cfg.verify_checksum) for n in self.layer_names]
-            except ChunkError as e:
-                if e.reason != "missing":
-                    errors.append(str(e))
-                break
-            except KeyError as e:
-                errors.append(f"chunk {i}: no tensor {e}")
-                break
-            shapes = {tuple(t.shape) for t in layers}
-            if len(shapes) != 1 or (shape is not None and shapes != {shape}):
-                errors.append(f"chunk {i}: inconsistent shapes {sorted(shapes)}")
-                break
-            shape = next(iter(shapes))
-            if shape[cfg.token_dim] != cfg.chunk_size:
-                errors.append(f"chunk {i}: {shape[cfg.token_dim]} tokens, not {cfg.chunk_size}")
-                break
-            for acc, t in zip(per_layer, layers, strict=True):
-                acc.append(t)
-        n = len(per_layer[0]) if per_layer else 0
-        if n == 0:
+        files, shape, errors = self._open_prefix(name, links)
+        if not files:
             miss.errors = errors
             return miss
-        kv = [torch.cat(chunks, dim=cfg.token_dim) for chunks in per_layer]
-        return RetrieveResult(RetrieveStatus.HIT, n * cfg.chunk_size, kv, errors)
+        try:
+            n_ok, kv = self._read_prefix(files, shape, device, errors)
+        finally:
+            for f in files:
+                f.close()
+        if n_ok == 0:
+            miss.errors = errors
+            return miss
+        return RetrieveResult(RetrieveStatus.HIT, n_ok * cfg.chunk_size, kv, errors)
+
+    def _open_prefix(self, name: str, links: list[bytes]):
+        """Open and check the chunk files of the longest present prefix: the
+        first synchronously (a miss costs one lookup), the rest in parallel
+        (through FUSE an open and a header read are a few round trips each)."""
+        cfg = self.config
+        root = chain_root()
+        dtype = DTYPES_BY_NAME[cfg.dtype]
+
+        def open_one(i: int) -> tuple[ChunkFile, tuple[int, ...]]:
+            f = self.cache.open(name, self._file(i, links[i]))
+            try:
+                f.expect(self.space.header(links[i], links[i - 1] if i else root))
+                specs = []
+                for layer in self.layer_names:
+                    t = f.tensors.get(layer)
+                    if t is None:
+                        raise ChunkError(f.path, f"no tensor {layer}")
+                    specs.append((t[0], tuple(t[1])))
+                shapes = {s for _, s in specs}
+                if len(shapes) != 1:
+                    raise ChunkError(f.path, f"inconsistent shapes {sorted(shapes)}")
+                shape = specs[0][1]
+                if len(shape) <= cfg.token_dim or shape[cfg.token_dim] != cfg.chunk_size:
+                    raise ChunkError(f.path, f"{shape} does not hold {cfg.chunk_size} tokens")
+                for layer in self.layer_names:
+                    f.expect_tensor(layer, dtype, shape)
+                return f, shape
+            except BaseException:
+                f.close()
+                raise
+
+        files: list[ChunkFile] = []
+        errors: list[str] = []
+        shape = None
+        if not links:
+            return files, shape, errors
+        results: list[Future] = []
+        first = Future()
+        try:
+            first.set_result(open_one(0))
+        except BaseException as e:  # noqa: BLE001 - sorted out below, in order
+            first.set_exception(e)
+        results.append(first)
+        if first.exception() is None:
+            results += [self.mover.pool.submit(open_one, i) for i in range(1, len(links))]
+        done = False
+        for fut in results:
+            try:
+                f, s = fut.result()
+            except ChunkError as e:
+                if not done and e.reason != "missing":
+                    errors.append(str(e))
+                done = True
+                continue
+            except OSError as e:
+                if not done:
+                    errors.append(f"{e}")
+                done = True
+                continue
+            if done or (shape is not None and s != shape):
+                if not done:
+                    errors.append(f"{f.path}: shape {list(s)}, earlier chunks {list(shape)}")
+                done = True
+                f.close()
+                continue
+            shape = s
+            files.append(f)
+        return files, shape, errors
+
+    def _read_prefix(self, files: list[ChunkFile], shape, device: torch.device, errors):
+        """Read every opened chunk into one [layers, ...] tensor on `device`;
+        returns how many leading chunks are valid and their per-layer views."""
+        cfg = self.config
+        td, C, L = cfg.token_dim, cfg.chunk_size, len(self.layer_names)
+        dtype = DTYPES_BY_NAME[cfg.dtype]
+        layer_bytes = _numel(shape) * dtype.itemsize
+        chunk_bytes = L * layer_bytes
+        full = list(shape)
+        full[td] = C * len(files)
+        cuda = device.type == "cuda"
+        out = torch.empty([L, *full], dtype=dtype, device=device)
+        buffers = self.mover.buffers(device)
+        pool = self.mover.pool
+        verify = cfg.verify_checksum
+        per_piece = max(1, PIECE_BYTES // max(1, layer_bytes))
+        pieces = [(a, min(L, a + per_piece)) for a in range(0, L, per_piece)]
+        failed: dict[int, str] = {}
+        lock = threading.Lock()
+        stream = self.mover.stream(device) if cuda else None
+        if cuda:
+            # `out` was made on the caller's stream; the copies go on ours.
+            stream.wait_stream(torch.cuda.current_stream(device))
+
+        class Chunk:
+            def __init__(self, c: int, buf: torch.Tensor, scratch):
+                self.c, self.buf, self.scratch = c, buf, scratch
+                self.left = len(pieces)
+
+        def land(ch: Chunk) -> None:
+            """All pieces of a chunk are in: place it (one strided copy)."""
+            dst = out.narrow(td + 1, ch.c * C, C)
+            if cuda:
+                with torch.cuda.stream(stream):
+                    if ch.c not in failed:
+                        dst.copy_(ch.scratch.view(dtype).view(dst.shape))
+                    event = torch.cuda.Event()
+                    event.record(stream)
+                ch.scratch = None  # freed in stream order
+                buffers.put(ch.buf, event)
+            else:
+                if ch.c not in failed:
+                    dst.copy_(ch.buf.view(dtype).view(dst.shape))
+                buffers.put(ch.buf)
+
+        def read(ch: Chunk, a: int, b: int) -> None:
+            f = files[ch.c]
+            try:
+                if ch.c not in failed:
+                    mv = tensor_bytes(ch.buf)
+                    for j in range(a, b):
+                        dest = mv[j * layer_bytes : (j + 1) * layer_bytes]
+                        f.read_into(self.layer_names[j], [dest], verify)
+                    if cuda:
+                        with torch.cuda.stream(stream):
+                            lo, hi = a * layer_bytes, b * layer_bytes
+                            ch.scratch[lo:hi].copy_(ch.buf[lo:hi], non_blocking=True)
+            except ChunkError as e:
+                with lock:
+                    failed.setdefault(ch.c, str(e))
+            except BaseException as e:  # noqa: BLE001 - a bug or I/O error: a miss
+                with lock:
+                    failed.setdefault(ch.c, f"{f.path}: {e!r}")
+            finally:
+                with lock:
+                    ch.left -= 1
+                    last = ch.left == 0
+                if last:
+                    land(ch)
+
+        futures: list[Future] = []
+        try:
+            with torch.no_grad():
+                for c in range(len(files)):
+                    if failed and min(failed) < c:
+                        break  # the prefix already ends earlier
+                    buf = buffers.get(chunk_bytes)  # waits while all are in flight
+                    scratch = None
+                    if cuda:
+                        with torch.cuda.stream(stream):
+                            scratch = torch.empty(chunk_bytes, dtype=torch.uint8, device=device)
+                    ch = Chunk(c, buf, scratch)
+                    futures += [pool.submit(read, ch, a, b) for a, b in pieces]
+        finally:
+            for fut in futures:
+                fut.result()
+        if cuda:
+            torch.cuda.current_stream(device).wait_stream(stream)
+        n_ok = min(failed) if failed else len(files)
+        if failed:
+            errors.append(failed[n_ok])
+        return n_ok, [out[j].narrow(td, 0, n_ok * C) for j in range(L)]
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+DTYPES_BY_NAME = {str(d).removeprefix("torch."): d for d in DTYPES.values()}
+
+
+def _gather_gpu(kvs, td: int, first: int, span: int, C: int, chunk_shape) -> torch.Tensor:
+    """Chunks first..first+span-1 of every layer as one contiguous
+    [span, layers, *chunk_shape] tensor: one strided copy per layer."""
+    g = torch.empty([span, len(kvs), *chunk_shape], dtype=kvs[0].dtype, device=kvs[0].device)
+    for j, kv in enumerate(kvs):
+        src = kv.narrow(td, first * C, span * C).unflatten(td, (span, C)).movedim(td, 0)
+        g[:, j].copy_(src)
+    return g
+
+
+def _gather_cpu(kvs, td: int, start: int, C: int, buf: torch.Tensor, chunk_shape) -> None:
+    """Chunk [start, start+C) of every layer into `buf`, layer after layer."""
+    layer_bytes = buf.numel() // len(kvs)
+    for j, kv in enumerate(kvs):
+        dst = buf[j * layer_bytes : (j + 1) * layer_bytes].view(kv.dtype).view(chunk_shape)
+        dst.copy_(kv.narrow(td, start, C))
 
 
 _engine: KVEngine | None = None
@@ -259,6 +542,8 @@ def init_engine(config: Any = None, **overrides) -> KVEngine:
 
 def destroy_engine() -> None:
     global _engine
+    if _engine is not None:
+        _engine.close()
     _engine = None
 
 
@@ -280,5 +565,5 @@ def should_retrieve(token_ids: Sequence[int], session: str | None = None) -> Ret
     return _get().should_retrieve(token_ids, session)
 
 
-def retrieve_kv(token_ids, retrieve_status=None, session=None) -> RetrieveResult:
-    return _get().retrieve_kv(token_ids, retrieve_status, session)
+def retrieve_kv(token_ids, retrieve_status=None, session=None, device=None) -> RetrieveResult:
+    return _get().retrieve_kv(token_ids, retrieve_status, session, device)

@@ -43,6 +43,8 @@ class Settings:
     set_xattrs: bool = True  # label chunk files with user.* attributes for getfattr
     max_pending_save_bytes: int = 1 << 30  # beyond this, new saves are dropped, not waited for
     staging_bytes: int = 128 << 20  # warm host buffers kept for copying chunks out
+    io_threads: int = 0  # parallel chunk reads on a GPU worker; 0: up to 8, by cores
+    load_buffer_bytes: int = 256 << 20  # pinned host buffers that GPU loads read into
     load_failure_policy: str = "recompute"  # what vLLM does after a failed load
     # Refuse a mount path that is not a live kvfs mount: after the daemon dies
     # it is a bare directory on the root filesystem. Off only for benchmarks

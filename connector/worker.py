@@ -26,6 +26,7 @@ from .counters import Counters
 from .keys import KeySpace
 from .plan import ChunkOp, StepPlan
 from .settings import Settings
+from .transfer import Mover
 
 XATTR_PREFIX = "user.connector."
 
@@ -40,6 +41,9 @@ class StagingPool:
         self._lock = threading.Lock()
         self._bytes = 0
         self._max = max_bytes
+        # Pinned when the KV is on a GPU: the copy out is then an asynchronous
+        # DMA at full speed (a pageable GPU->host copy ran at 1.5 GB/s on the H200).
+        self.pin = False
 
     def get(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         with self._lock:
@@ -48,7 +52,7 @@ class StagingPool:
                 t = free.pop()
                 self._bytes -= t.numel() * t.element_size()
                 return t
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype, pin_memory=self.pin)
 
     def put(self, tensors) -> None:
         with self._lock:
@@ -65,6 +69,7 @@ class _SaveJob:
     op: ChunkOp
     tensors: dict[str, torch.Tensor]
     nbytes: int
+    ready: object = None  # a CUDA event: the GPU->host copies into `tensors` have landed
 
 
 class ChunkWriter:
@@ -132,6 +137,8 @@ class ChunkWriter:
         link = bytes.fromhex(op.link)
         name = space.file_name(op.index, link, op.num_tokens)
         t0 = time.perf_counter()
+        if job.ready is not None:
+            job.ready.synchronize()
         meta = chunk_metadata(
             space,
             op.session,
@@ -198,6 +205,12 @@ class WorkerSide:
         self._staged: dict[int, dict[str, torch.Tensor]] = {}
         self._copier = ThreadPoolExecutor(1, thread_name_prefix="kvfs-copy")
         self._copies: list[Future] = []
+        # GPU: loads read into pinned buffers on I/O threads and copy on a side
+        # stream; a layer's CUDA event is what the forward pass's stream waits on.
+        self.mover = Mover(settings.io_threads, settings.load_buffer_bytes)
+        self._layer_copied: dict[str, object] = {}
+        self._save_idx: tuple[int, list[torch.Tensor]] | None = None
+        self._save_event = None
         self._stall = 0.0
         self.cache = CacheDir(
             settings.mount,
@@ -232,10 +245,12 @@ class WorkerSide:
         )
         n_warm = min(64, self.settings.staging_bytes // max(1, chunk_bytes))
         warm = []
+        self.pool.pin = self.on_gpu
         for kv in self.kv_caches.values():
             per_chunk = self.space.chunk_size // max(1, kv.shape[2])
             for _ in range(n_warm):
-                warm.append(torch.zeros((per_chunk, *kv.shape[1:]), dtype=kv.dtype))
+                shape = (per_chunk, *kv.shape[1:])
+                warm.append(torch.zeros(shape, dtype=kv.dtype, pin_memory=self.on_gpu))
         self.pool.put(warm)
         self.log.info(
             "kvfs: %d layers, block shape %s, dtype %s, %s, chunks of %d tokens under %s",
@@ -254,6 +269,16 @@ class WorkerSide:
             kv = getattr(layer, "kv_cache", None)
             if isinstance(kv, torch.Tensor):
                 self.kv_caches[name] = kv
+        self.pool.pin = self.on_gpu
+
+    @property
+    def on_gpu(self) -> bool:
+        kv = next(iter(self.kv_caches.values()), None)
+        return kv is not None and kv.device.type == "cuda"
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.kv_caches.values())).device
 
     # -- loading -------------------------------------------------------------
 
@@ -262,6 +287,11 @@ class WorkerSide:
             return
         self._ensure_layers(forward_context)
         self._layer_ready = {name: threading.Event() for name in self.kv_caches}
+        self._layer_copied = {}
+        if self.on_gpu:
+            # The blocks being filled may still be read by the previous step's
+            # kernels on the forward pass's stream: copy in after them.
+            self.mover.stream(self.device).wait_stream(torch.cuda.current_stream(self.device))
         ops = list(plan.loads)
         if self.settings.layerwise_load:
             self._loader = threading.Thread(
@@ -282,12 +312,20 @@ class WorkerSide:
         ev = self._layer_ready.get(layer_name)
         if ev is not None:
             ev.wait()
+        copied = self._layer_copied.get(layer_name)
+        if copied is not None:  # the GPU waits for the copies, the CPU does not
+            torch.cuda.current_stream(self.device).wait_event(copied)
 
     def finish_load(self) -> None:
         if self._loader is not None:
             self._loader.join()
             self._loader = None
+        if self._layer_copied:  # a layer vLLM did not wait for is waited for now
+            cur = torch.cuda.current_stream(self.device)
+            for ev in self._layer_copied.values():
+                cur.wait_event(ev)
         self._layer_ready = {}
+        self._layer_copied = {}
 
     def take_load_errors(self) -> set[int]:
         self.finish_load()
@@ -361,8 +399,34 @@ class WorkerSide:
             staged = self.pool.get((len(op.block_ids), *kv_layer.shape[1:]), kv_layer.dtype)
             self._staged.setdefault(i, {})[layer_name] = staged
             jobs.append((op.block_ids, staged))
-        self._copies.append(self._copier.submit(_copy_out, kv_layer, jobs))
+        if kv_layer.device.type == "cuda":
+            self._copy_out_gpu(plan, kv_layer, jobs)
+        else:
+            self._copies.append(self._copier.submit(_copy_out, kv_layer, jobs))
         self._stall += time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def _copy_out_gpu(self, plan: StepPlan, kv_layer: torch.Tensor, jobs) -> None:
+        """Gather the blocks on the GPU and copy them to pinned buffers, both
+        queued on the side stream behind this layer's compute: a few launches
+        here, no wait; the writer waits for the copy's event."""
+        device = kv_layer.device
+        stream = self.mover.stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            if self._save_idx is None or self._save_idx[0] != id(plan):
+                # once per step; from pinned memory so that it does not wait
+                # for earlier copies queued on the stream
+                idx = [
+                    torch.tensor(b, dtype=torch.long).pin_memory().to(device, non_blocking=True)
+                    for b, _ in jobs
+                ]
+                self._save_idx = (id(plan), idx)
+            for (_, staged), idx in zip(jobs, self._save_idx[1], strict=True):
+                staged.copy_(kv_layer.index_select(0, idx), non_blocking=True)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        self._save_event = ev
 
     def submit_saves(self, plan: StepPlan) -> None:
         if not plan.saves:
@@ -379,6 +443,11 @@ class WorkerSide:
             except Exception as e:
                 failed = e
         self._copies.clear()
+        ready, self._save_event, self._save_idx = self._save_event, None, None
+        if ready is not None:
+            # The GPU copies out may still run: the next step's kernels, which
+            # may overwrite these blocks, queue behind them (no CPU wait here).
+            torch.cuda.current_stream(self.device).wait_event(ready)
         if failed is not None:
             self.log.warning(
                 "kvfs: copying KV out failed, this step's chunks not saved: %r", failed
@@ -406,7 +475,7 @@ class WorkerSide:
                 continue
             ordered = {name: tensors[name] for name in layers}
             nbytes = sum(t.numel() * t.element_size() for t in ordered.values())
-            if not self.writer.submit(_SaveJob(op, ordered, nbytes)):
+            if not self.writer.submit(_SaveJob(op, ordered, nbytes, ready)):
                 self.stats.add("save_dropped", 1)
                 self.log.warning("kvfs: writer behind, chunk %d of %s dropped", op.index, op.req_id)
         self._staged.clear()
@@ -427,6 +496,7 @@ class WorkerSide:
         self._copier.shutdown(wait=True)
         self.writer.flush()
         self.writer.close()
+        self.mover.close()
 
 
 class _StepLoad:
@@ -469,8 +539,14 @@ class _StepLoad:
                     self.fail(i, "the mount is not a live kvfs mount")
             else:
                 self.open_all()
+                gpu = w.on_gpu
+                if gpu:
+                    self.index_gpu()
                 for layer in w.kv_caches:
-                    self.read(layer)
+                    if gpu:
+                        self.read_gpu(layer)
+                    else:
+                        self.read(layer)
                     w.layer_loaded(layer)
                 self.verify()
                 self.count()
@@ -478,6 +554,8 @@ class _StepLoad:
             w.log.exception("kvfs: loading failed")
             for i in range(len(self.ops)):  # nothing loaded this step can be trusted
                 self.fail(i, f"unexpected error: {e!r}")
+            if w.on_gpu:  # copies still queued must not land in recomputed blocks
+                w.mover.stream(w.device).synchronize()
         finally:
             for i in list(self.files):
                 self.drop(i)
@@ -504,6 +582,73 @@ class _StepLoad:
                 continue
             if dests is not None and self.worker.settings.verify_checksum:
                 self.checks.append((i, layer, dests))
+
+    def index_gpu(self) -> None:
+        """Each chunk's destination blocks as a GPU index, once for all layers
+        (from pinned memory: no wait behind copies already queued)."""
+        w = self.worker
+        self.idx: dict[int, torch.Tensor] = {}
+        with torch.cuda.stream(w.mover.stream(w.device)):
+            for i in self.files:
+                op = self.ops[i]
+                ids = torch.tensor(op.block_ids[op.skip_blocks :], dtype=torch.long)
+                self.idx[i] = ids.pin_memory().to(w.device, non_blocking=True)
+
+    def read_gpu(self, layer: str) -> None:
+        """One layer of every chunk: read in parallel straight into one pinned
+        buffer (checksums on the reading threads, while the bytes are in
+        cache), then one host->GPU copy and one scatter per chunk into the
+        paged blocks, queued on the side stream; the layer's event is what
+        the forward pass waits on. The next layer's reads overlap this one's
+        copies."""
+        w = self.worker
+        kv = w.kv_caches[layer]
+        block_bytes = kv[0].numel() * kv.element_size()
+        todo = []
+        for i in sorted(self.files):
+            if not self.usable(i):
+                self.drop(i)
+            else:
+                todo.append(i)
+        if not todo:
+            return
+        offsets, total = {}, 0
+        for i in todo:
+            offsets[i] = total
+            total += len(self.ops[i].block_ids) * block_bytes
+        buffers = w.mover.buffers(kv.device)
+        buf = buffers.get(total)
+        event = None
+        try:
+            mv = tensor_bytes(buf)
+            verify = w.settings.verify_checksum
+            futs = {}
+            for i in todo:
+                dest = mv[offsets[i] : offsets[i] + len(self.ops[i].block_ids) * block_bytes]
+                futs[i] = w.mover.pool.submit(self.files[i].read_into, layer, [dest], verify)
+            ok = []
+            for i in todo:
+                try:
+                    futs[i].result()
+                    ok.append(i)
+                except ChunkError as e:
+                    self.fail(i, e.reason)
+            stream = w.mover.stream(kv.device)
+            with torch.cuda.stream(stream):
+                dev = torch.empty(total, dtype=torch.uint8, device=kv.device)
+                dev.copy_(buf, non_blocking=True)
+                for i in ok:
+                    op = self.ops[i]
+                    n = len(op.block_ids)
+                    blocks = dev[offsets[i] : offsets[i] + n * block_bytes]
+                    blocks = blocks.view(kv.dtype).view(n, *kv.shape[1:])[op.skip_blocks :]
+                    kv.index_copy_(0, self.idx[i], blocks)
+                event = torch.cuda.Event()
+                event.record(stream)
+                del dev  # freed in stream order
+            w._layer_copied[layer] = event
+        finally:
+            buffers.put(buf, event)
 
     def verify(self) -> None:
         # In chunk order, so that a request's first bad chunk is the one reported.
