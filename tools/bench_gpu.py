@@ -291,23 +291,29 @@ def crc_speed(res):
     return len(b) / s / GB
 
 
+KVFS_SRC = None  # --kvfs-src: run the daemon from this copy of kvfs (e.g. a commit's)
+
+
+def kvfs_cli(*argv, **kw):
+    env = dict(os.environ)
+    if KVFS_SRC:
+        env["PYTHONPATH"] = KVFS_SRC + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "kvfs.cli", *argv]
+    return subprocess.run(cmd, cwd=KVFS_SRC, env=env, capture_output=True, text=True, **kw)
+
+
 def mount_kvfs(mnt: Path, store: Path):
     mnt.mkdir(parents=True, exist_ok=True)
     store.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "kvfs.cli", "mount", str(mnt), "--store", f"local:{store}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    cmd = ["mount", str(mnt), "--store", f"local:{store}"]
+    p = kvfs_cli(*cmd, timeout=120)
     if p.returncode != 0:
         raise RuntimeError(f"kvfs mount failed: {p.stdout}{p.stderr}")
-    return " ".join(cmd)
+    return "python3 -m kvfs.cli " + " ".join(cmd)
 
 
 def kvfs_status(mnt: Path):
-    p = subprocess.run(
-        [sys.executable, "-m", "kvfs.cli", "status", str(mnt), "--json"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    p = kvfs_cli("status", str(mnt), "--json", timeout=60)
     try:
         return json.loads(p.stdout)
     except ValueError:
@@ -330,8 +336,11 @@ def main():
     ap.add_argument("--mount", default="/mnt/kvbench")
     ap.add_argument("--store", default="/dev/shm/kvbench-store", help="the mount's store")
     ap.add_argument("--no-mount", action="store_true")
+    ap.add_argument("--kvfs-src", help="directory holding the kvfs package the daemon runs from")
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_gpu.json"))
     args = ap.parse_args()
+    global KVFS_SRC
+    KVFS_SRC = args.kvfs_src
     device = torch.device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
@@ -347,6 +356,7 @@ def main():
         "torch": torch.__version__,
         "cpus": os.cpu_count(),
         "kernel": os.uname().release,
+        "kvfs_src": args.kvfs_src,
     }
     try:
         info["commit"] = subprocess.run(
@@ -371,7 +381,7 @@ def main():
             bench_api(res, args, device, kv, ids, mnt, mnt, True, "api-kvfs")
             status = kvfs_status(mnt)
         finally:
-            subprocess.run([sys.executable, "-m", "kvfs.cli", "umount", str(mnt)], timeout=60)
+            kvfs_cli("umount", str(mnt), timeout=60)
     shutil.rmtree(tmp, ignore_errors=True)
     targets = {}
     for row in res.rows:
