@@ -96,22 +96,15 @@ def cmd_mount(args) -> int:
     if not args.foreground:
         return _spawn_background(args, cfg)
     setup_logging(cfg.debug)
-    import trio
-
-    from .daemon import Daemon
-
-    d = Daemon(cfg, mnt)
-    d.open_backends()
+    from .daemon import mount
 
     def ready():
+        # tell the parent that spawned us (_spawn_background) to return
         if args.ready_fd is not None:
             os.write(args.ready_fd, b"ready\n")
             os.close(args.ready_fd)
 
-    try:
-        trio.run(d.serve, ready)
-    finally:
-        d.close_backends()
+    mount(cfg, mnt, on_ready=ready)
     log.info("unmounted %s", mnt)
     return 0
 

@@ -1,11 +1,17 @@
 """The mount: wires store, etcd, cache and FUSE together and runs the services.
 
-One nursery owns every background service (object deleter, kernel cache
-invalidator, etcd watch, expiry collector, health probe); leaving it unmounts
-and stops the private etcd.
+One `AsyncExitStack` (in `Daemon.run`) owns the whole life of a mount: each
+resource puts its clean-up on the stack as soon as it exists, and the
+nursery of background services (delayed jobs, kernel cache invalidator,
+opener toucher, etcd watch, expiry collector, health probe, signals) is the
+last thing on it. Leaving it undoes everything in reverse order: services
+cancelled, FUSE closed and unmounted, etcd client closed, private etcd
+stopped, store closed.
 """
 
+import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
@@ -68,28 +74,33 @@ class Daemon:
 
     # -- setup -----------------------------------------------------------------------
 
-    def open_backends(self) -> None:
+    async def open_backends(self, stack: contextlib.AsyncExitStack) -> None:
+        """Open the store, a private etcd when no endpoints are given, and the
+        etcd client; each one's clean-up goes on STACK as soon as it exists."""
         cfg = self.cfg
-        self.store = open_store(cfg.store_spec(), node=self.node, durable=cfg.durable)
+        # every step blocks (disk, a child process, the network): off the loop
+        run = trio.to_thread.run_sync
+        self.store = await run(
+            functools.partial(open_store, cfg.store_spec(), node=self.node, durable=cfg.durable)
+        )
+        stack.callback(self.store.close)
         endpoints = list(cfg.etcd)
         if not endpoints:
             root = getattr(self.store, "root", None) or os.path.join(cfg.state_dir, "store")
             self.etcd = PrivateEtcd(os.path.join(root, "etcd"))
-            endpoints = [self.etcd.start()]
+            stack.callback(self.etcd.stop)  # a no-op if it never started
+            endpoints = [await run(self.etcd.start)]
         try:
-            self.meta = EtcdMeta.from_config(cfg, endpoints)
-            self.start_revision = self.meta.revision() + 1
+            self.meta = await run(EtcdMeta.from_config, cfg, endpoints)
+            stack.callback(self.meta.close)
+            self.start_revision = await run(self.meta.revision) + 1
         except MetaUnavailable as exc:
-            self.close_backends()
             raise MetaUnavailable(
                 f"cannot reach etcd at {','.join(endpoints)} ({exc}); check that it runs, the "
                 "endpoints, and for TLS --etcd-ca-cert/--etcd-cert/--etcd-key"
             ) from None
-        except Exception:
-            self.close_backends()
-            raise
         self._live_objects = None
-        n = self.store.clean_staging(self._is_live)
+        n = await run(self.store.clean_staging, self._is_live)
         self._live_objects = None
         if n:
             log.info("settled %d writes an earlier run left unfinished", n)
@@ -105,14 +116,6 @@ class Daemon:
         if key.endswith(HEADER_SUFFIX):
             key = data_key(key)
         return key in self._live_objects
-
-    def close_backends(self) -> None:
-        if self.meta is not None:
-            self.meta.close()
-        if self.store is not None:
-            self.store.close()
-        if self.etcd is not None:
-            self.etcd.stop()
 
     # -- status -------------------------------------------------------------------------
 
@@ -365,8 +368,17 @@ class Daemon:
         if on_ready is not None:
             on_ready()
 
-    async def serve(self, on_ready=None) -> None:
+    async def run(self, on_ready=None) -> None:
+        """Mount, serve until unmounted (a signal or `kvfs umount`), clean up.
+
+        ON_READY is called once the mount answers.
+        """
+        async with contextlib.AsyncExitStack() as stack:
+            await self.serve(stack, on_ready)
+
+    async def serve(self, stack: contextlib.AsyncExitStack, on_ready=None) -> None:
         cfg = self.cfg
+        await self.open_backends(stack)
         cache = MetaCache(cfg.cache_sessions, cfg.cache_layers, cfg.cache_recent)
         self.ns = ns = Namespace(
             self.meta,
@@ -393,20 +405,24 @@ class Daemon:
         if cfg.allow_other:
             opts.add("allow_other")
         pyfuse3.init(ops, self.mountpoint, opts)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(ns.run_later)
-                await nursery.start(kernel.run)
-                await nursery.start(ops.toucher.run)
-                await nursery.start(self.run_watch)
-                await nursery.start(self.run_collector)
-                await nursery.start(self.run_health)
-                await nursery.start(self.run_signals)
-                nursery.start_soon(self._make_ready, on_ready)
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
-        finally:
-            pyfuse3.close(unmount=True)
+        stack.callback(pyfuse3.close, unmount=True)
+        nursery = await stack.enter_async_context(trio.open_nursery())
+        await nursery.start(ns.run_later)
+        await nursery.start(kernel.run)
+        await nursery.start(ops.toucher.run)
+        await nursery.start(self.run_watch)
+        await nursery.start(self.run_collector)
+        await nursery.start(self.run_health)
+        await nursery.start(self.run_signals)
+        nursery.start_soon(self._make_ready, on_ready)
+        # returns once the kernel has let go of the mount (fusermount3 -u)
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+
+
+def mount(cfg: Config, mountpoint: str, on_ready=None) -> None:
+    """Run a daemon for MOUNTPOINT until it is unmounted; ON_READY once it answers."""
+    trio.run(Daemon(cfg, mountpoint).run, on_ready)
 
 
 def unmount(mountpoint: str, lazy: bool = False) -> None:
@@ -416,4 +432,4 @@ def unmount(mountpoint: str, lazy: bool = False) -> None:
         raise KvfsError(r.stderr.strip() or f"fusermount3 failed ({r.returncode})")
 
 
-__all__ = ["Daemon", "ROOT", "sd_notify", "unmount", "MetaUnavailable"]
+__all__ = ["Daemon", "ROOT", "mount", "sd_notify", "unmount", "MetaUnavailable"]
