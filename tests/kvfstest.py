@@ -179,20 +179,42 @@ class Mount:
         self.pid = self.status()["pid"]
         return self
 
-    def umount(self):
-        if not os.path.ismount(self.path) and self.pid is None:
+    def umount(self, timeout: float = 20.0):
+        """Unmount as a user would and wait for the daemon to exit by itself.
+
+        A daemon still there TIMEOUT seconds later (hung on unmount) fails the
+        caller with AssertionError, but only after it is cleared away (lazy
+        unmount, SIGKILL), so that later tests start clean.
+        """
+        # the pid first: stat of a hung mount would hang too
+        if self.pid is None and not os.path.ismount(self.path):
             return
-        r = subprocess.run(
-            KVFS + ["umount", str(self.path)], capture_output=True, text=True, timeout=60
-        )
-        if r.returncode != 0 or os.path.ismount(self.path):
+        deadline = time.monotonic() + timeout
+        problem = None
+        try:
+            r = subprocess.run(
+                KVFS + ["umount", str(self.path)], capture_output=True, text=True, timeout=timeout
+            )
+            if r.returncode != 0:
+                problem = f"kvfs umount failed ({r.returncode}): {r.stdout}{r.stderr}"
+        except subprocess.TimeoutExpired:
+            problem = f"kvfs umount did not return in {timeout}s"
+        pid, self.pid = self.pid, None
+        if pid is not None:
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if _alive(pid):
+                problem = problem or f"the daemon (pid {pid}) did not exit in {timeout}s"
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                wait_for(lambda: not _alive(pid), 10, what="the killed daemon's exit")
+        if problem or os.path.ismount(self.path):
             subprocess.run(["fusermount3", "-u", "-z", str(self.path)], capture_output=True)
-        if self.pid:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.pid = None
+            problem = problem or "the mount was still there after kvfs umount"
+        if problem:
+            raise AssertionError(f"{self.path}: {problem}\n{self.log()[-4000:]}")
 
     def kill(self):
         """SIGKILL the daemon and clear its dead mount, as an operator would."""

@@ -32,7 +32,7 @@ def test_touch_extends_life(make_mount):
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline:
         subprocess.run(["touch", str(m.path / "s" / "kept")], check=True)
-        time.sleep(0.5)
+        time.sleep(0.5)  # the point: time passes beyond the ttl, with touches in it
     assert os.listdir(m.path / "s") == ["kept"]
 
 
@@ -44,7 +44,7 @@ def test_reads_extend_life(make_mount):
     deadline = time.monotonic() + 4
     while time.monotonic() < deadline:
         assert (m.path / "s" / "read").read_bytes() == b"r"
-        time.sleep(0.4)
+        time.sleep(0.4)  # the point: time passes beyond the ttl, with reads in it
     assert os.listdir(m.path / "s") == ["read"]
 
 
@@ -68,7 +68,7 @@ def test_kvfs_gc_expires_now(make_mount):
     (m.path / "s").mkdir()
     for i in range(3):
         (m.path / "s" / f"l{i}").write_bytes(b"x")
-    time.sleep(1.2)
+    time.sleep(1.2)  # the point: the ttl (1 s) passes for these three, not for "fresh"
     (m.path / "s" / "fresh").write_bytes(b"y")
     out = subprocess.run(KVFS + ["gc", str(m.path)], capture_output=True, text=True, check=True)
     assert "expired 3 entries" in out.stdout
@@ -82,7 +82,7 @@ def test_capacity_evicts_least_recently_used(make_mount):
     (m.path / "s").mkdir()
     for name in ("a", "b", "c"):
         (m.path / "s" / name).write_bytes(name.encode() * (3 * mib))
-        time.sleep(0.05)
+        time.sleep(0.05)  # the point: distinct mtimes, which order the LRU
     os.utime(m.path / "s" / "a")  # a is now the most recently used
     (m.path / "s" / "d").write_bytes(b"d" * (3 * mib))
     assert sorted(os.listdir(m.path / "s")) == ["a", "c", "d"]

@@ -69,16 +69,18 @@ def test_mount_survives_losing_etcd_members(make_mount, etcd_cluster):
     t = threading.Thread(target=load)
     t.start()
     try:
-        time.sleep(0.5)
+        wait_for(lambda: len(written) >= 5, 10, what="the load under way")
         leader = etcd_cluster.leader()
         follower = next(x for x in etcd_cluster.members if x is not leader)
         follower.stop()
-        time.sleep(1.0)
+        time.sleep(1.0)  # the point: the load runs on with one member down
         leader.stop()  # two of three gone would lose quorum: restart the follower first
         follower.start()
-        time.sleep(1.5)
+        wait_for(follower.healthy, 30, 0.1, what="quorum again without the old leader")
         leader.start()
-        time.sleep(1.0)
+        wait_for(lambda: all(x.healthy() for x in etcd_cluster.members), 30, 0.1, what="all up")
+        done = len(written)
+        wait_for(lambda: len(written) >= done + 5, 10, what="the load going on after recovery")
     finally:
         stop.set()
         t.join(30)

@@ -4,6 +4,7 @@ store, objects damaged behind the daemon's back."""
 import errno
 import hashlib
 import os
+import signal
 import struct
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvfstest import KVFS, EtcdCluster, wait_for
+from kvfstest import KVFS, EtcdCluster, _alive, wait_for
 
 HERE = Path(__file__).parent
 
@@ -54,6 +55,16 @@ def test_sigkill_mid_writes_loses_nothing_committed(make_mount, tmp_path):
     # the interrupted write left nothing behind in the store
     assert os.listdir(m.store / "staging" / m.status()["node"]) == []
     assert store_objects(m) == committed_objects(m)
+
+
+def test_a_daemon_that_hangs_on_unmount_fails_the_test(make_mount):
+    """The helper's unmount never passes a daemon it had to kill, yet clears it away."""
+    m = make_mount()
+    pid = m.pid
+    os.kill(pid, signal.SIGSTOP)  # a daemon that no longer answers the kernel
+    with pytest.raises(AssertionError, match="did not"):
+        m.umount(timeout=3)
+    assert m.pid is None and not _alive(pid) and not os.path.ismount(m.path)
 
 
 def test_recover_rebuilds_metadata_from_the_store(make_mount, etcd):

@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+from kvfstest import wait_for
+
 SESSIONS = st.sampled_from(["a", "b", "c"])
 NAMES = st.sampled_from(["l0", "l1", "l2", "k.v"])
 DATA = st.binary(max_size=3000)
@@ -219,6 +221,12 @@ def test_concurrent_writers_and_readers_two_mounts(make_mount, tmp_path):
     results = [tuple(map(int, r.communicate(timeout=60)[0].split())) for r in readers]
     assert errors == []
     assert all(reads > 0 and bad == 0 for reads, bad in results), results
-    time.sleep(1.5)
-    for k in range(3):
-        assert (a.path / "s" / f"f{k}").read_bytes() == (b.path / "s" / f"f{k}").read_bytes()
+    wait_for(
+        lambda: all(
+            (a.path / "s" / f"f{k}").read_bytes() == (b.path / "s" / f"f{k}").read_bytes()
+            for k in range(3)
+        ),
+        10,
+        0.1,
+        what="both mounts showing the same last versions",
+    )

@@ -490,7 +490,7 @@ def unlink_own_open_file(d: Path):
         os.unlink(d / ".tmpXyZ")
         h.write(b" more")
     assert os.listdir(d) == []
-    time.sleep(0.5)
+    time.sleep(0.5)  # the point: a commit wrongly left behind by the close would land by now
     assert os.listdir(d) == []
 
 
@@ -511,7 +511,7 @@ def rm_under_writer(d: Path):
         assert not f.exists(), "the writer still sees f after rm"
         h.write(b" written after rm")
     assert os.listdir(d) == []
-    time.sleep(0.5)
+    time.sleep(0.5)  # the point: a commit wrongly left behind by the close would land by now
     assert os.listdir(d) == [] and not f.exists()
 
 
