@@ -358,6 +358,9 @@ def main():
         "kernel": os.uname().release,
         "kvfs_src": args.kvfs_src,
     }
+    if args.kvfs_src and os.path.exists(os.path.join(args.kvfs_src, "COMMIT")):
+        with open(os.path.join(args.kvfs_src, "COMMIT")) as f:
+            info["kvfs_commit"] = f.read().strip()  # written where the copy was made
     try:
         info["commit"] = subprocess.run(
             ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True
