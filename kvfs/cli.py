@@ -48,6 +48,16 @@ def _mount_args(p: argparse.ArgumentParser) -> None:
         "--no-touch-on-read", action="store_true", help="reads do not extend an entry's life"
     )
     p.add_argument("--touch-interval", help="a read extends life at most this often (s)")
+    p.add_argument(
+        "--no-passthrough",
+        action="store_true",
+        help="serve every byte through the daemon (no FUSE passthrough)",
+    )
+    p.add_argument(
+        "--verify-reads",
+        action="store_true",
+        help="check every read against its block checksums (reads through the daemon)",
+    )
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true", help="let other users use the mount")
     p.add_argument("--debug", action="store_true", help="log every decision")
@@ -74,6 +84,8 @@ def _config_from(args):
         "allow_other": True if args.allow_other else None,
         "touch_on_read": False if args.no_touch_on_read else None,
         "touch_interval": args.touch_interval,
+        "passthrough": False if args.no_passthrough else None,
+        "verify_reads": True if args.verify_reads else None,
         "debug": True if args.debug else None,
     }
     return load_config(args.config, overrides=over)

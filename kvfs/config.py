@@ -29,6 +29,11 @@ class Config:
     # the largest file: its per-block checksums (4 bytes a MiB) ride in one
     # etcd value, which etcd caps at 1.5 MiB; 64 GiB keeps it near 350 KB
     max_file_size: int = 64 << 30
+    # FUSE passthrough: the kernel moves the bytes of open files itself
+    passthrough: bool = True
+    # every read served by the daemon and checked against its block checksums
+    # (turns passthrough off for reads)
+    verify_reads: bool = False
     touch_on_read: bool = True
     touch_interval: float | None = None  # default: min(60 s, ttl / 4)
     state_dir: str = DEFAULT_STATE_DIR

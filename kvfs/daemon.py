@@ -152,8 +152,13 @@ class Daemon:
                     "failed_commits",
                     "inline_reads",
                     "index_negatives",
+                    "opens_passthrough",
+                    "opens_daemon",
                 )
             },
+            # how open files are served: the kernel itself, or the daemon
+            "passthrough": self.ops.passthrough.state(),
+            "verify_reads": self.cfg.verify_reads,
             "last_corrupt": ns.last_corrupt,
             "operations": self.ops.statistics(),
             "cache": ns.cache.statistics(),
@@ -399,6 +404,8 @@ class Daemon:
             status_fn=lambda: json.dumps(self.status(), separators=(",", ":")),
             control_fn=self.control,
             mountpoint=self.mountpoint,
+            passthrough=cfg.passthrough,
+            verify_reads=cfg.verify_reads,
         )
         opts = set(pyfuse3.default_options)
         opts |= {"fsname=kvfs", "subtype=kvfs"}

@@ -32,7 +32,7 @@ from .errors import (
     NotEmpty,
     NotFound,
 )
-from .meta import EtcdMeta
+from .meta import Meta
 from .metacache import MetaCache
 from .objects import (
     HEADER_SIZE,
@@ -58,7 +58,7 @@ CAS_ATTEMPTS = 20  # compare-and-swap rounds before a hot entry is reported as a
 class Namespace:
     def __init__(
         self,
-        meta: EtcdMeta,
+        meta: Meta,
         store: Store,
         cache: MetaCache,
         *,
@@ -170,6 +170,10 @@ class Namespace:
 
     async def open_reader(self, key: str):
         return await self.call_io(self.store.reader, key)
+
+    async def open_fd(self, key: str) -> int | None:
+        """A descriptor of data object KEY for the kernel (passthrough); None if not local."""
+        return await self.call_io(self.store.open_fd, key)
 
     async def copy_version(self, p: PendingFile, base: Entry) -> None:
         """Fill P with BASE's bytes, every block checked (a copy never launders corruption)."""

@@ -71,6 +71,9 @@ class PendingFile:
         fd = self.writer.fileno()
         if fd is not None and self._stamp is None:
             self.crc.valid = False
+            # any write moves the mtime to now; from a mark no clock gives, a
+            # write in the same clock tick as the copy above is still seen
+            os.utime(fd, ns=(0, 0))
             self._stamp = self._file_stamp()
         return fd
 
@@ -80,11 +83,27 @@ class PendingFile:
 
     @property
     def size(self) -> int:
-        return self.writer.size() if self._stamp is not None else self._size
+        if self._stamp is not None and not self.closed:
+            try:
+                return self.writer.size()
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+                # being committed or dropped by another request: its last size
+        return self._size
 
     @property
     def dirty(self) -> bool:
-        return self._dirty or (self._stamp is not None and self._file_stamp() != self._stamp)
+        if self.closed:
+            return False  # committed or dropped: nothing more to commit
+        if self._dirty or self._stamp is None:
+            return self._dirty
+        try:
+            return self._file_stamp() != self._stamp
+        except OSError as exc:
+            if self.closed or exc.errno == errno.EBADF:
+                return False  # being committed or dropped by another request
+            raise
 
     @dirty.setter
     def dirty(self, value: bool) -> None:
@@ -172,6 +191,8 @@ class PendingFile:
     def commit_object(self, header: bytes) -> None:
         """Make the header, then the data, durable and visible in the store."""
         size = self.size
+        if self._stamp is not None:
+            self._size = size
         if self.writer.size() < size:
             self.writer.truncate(size)
         self.store.put(header_key(self.key), header)
@@ -184,5 +205,7 @@ class PendingFile:
 
     def abort(self) -> None:
         if not self.closed:
+            if self._stamp is not None:
+                self._size = self.size
             self.writer.abort()
             self.closed = True

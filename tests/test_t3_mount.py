@@ -293,7 +293,11 @@ def test_status_reports_counters(kvfs_mount):
     assert st["counters"]["bytes_written"] >= 4096
     assert st["counters"]["files_read"] >= 1
     assert set(st["cache"]) >= {"session", "layer", "recent"}
-    assert st["operations"]["write"]["count"] >= 1 and st["operations"]["read"]["mean_ms"] > 0
+    # with FUSE passthrough the kernel moves the bytes: reads and writes never
+    # reach the daemon, opens do, and say which path they took
+    assert st["operations"]["create"]["count"] >= 1 and st["operations"]["open"]["mean_ms"] > 0
+    assert st["passthrough"] == "on" and st["counters"]["opens_passthrough"] >= 2
+    assert "read" not in st["operations"] and "write" not in st["operations"]
     assert st["etcd"]["endpoints"][0]["healthy"] in (True, False)
     human = sh(*__import__("kvfstest").KVFS, "status", str(kvfs_mount.path)).stdout
     assert "cache" in human and "etcd" in human
@@ -325,10 +329,10 @@ def test_checksum_of_whole_file_matches(kvfs_mount):
 
 
 def test_ram_backed_store_inline_path(make_mount):
-    """A tmpfs store takes the inline read and write path; same behaviour."""
+    """Without passthrough a tmpfs store takes the inline read and write path."""
     store = Path(f"/dev/shm/kvfs-test-{os.getpid()}-{time.monotonic_ns()}")
     try:
-        m = make_mount(store=store)
+        m = make_mount("--no-passthrough", store=store)
         (m.path / "s").mkdir()
         data = os.urandom((3 << 20) + 5)
         (m.path / "s" / "f").write_bytes(data)

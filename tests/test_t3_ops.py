@@ -17,6 +17,7 @@ from kvfs.fs import ROOT, Operations
 from kvfs.meta import MemoryMeta
 from kvfs.metacache import MetaCache
 from kvfs.namespace import Namespace
+from kvfs.store.local import LocalStore
 from kvfs.store.memory import MemoryStore
 
 CTX = SimpleNamespace(pid=os.getpid(), uid=0, gid=0, umask=0o022)
@@ -26,9 +27,24 @@ O_RDONLY, O_RDWR = os.O_RDONLY, os.O_RDWR
 class RecordingKernel:
     """Stands in for the FUSE session: notes what would be sent."""
 
-    def __init__(self):
+    def __init__(self, passthrough: bool = False):
         self.sent = []
         self.listed = []
+        self.granted = passthrough
+        self.backing: dict[int, int] = {}  # backing id -> inode of the registered fd
+        self._next_id = 1
+
+    def passthrough_granted(self):
+        return self.granted
+
+    def open_backing(self, fd):
+        bid = self._next_id
+        self._next_id += 1
+        self.backing[bid] = os.fstat(fd).st_ino
+        return bid
+
+    def close_backing(self, backing_id):
+        del self.backing[backing_id]
 
     def invalidate_entry(self, parent, name):
         self.sent.append(("entry", parent, name))
@@ -50,15 +66,20 @@ def fields(**kw):
 
 
 @pytest.fixture
-def fs():
-    """Run a test body as `await body(ops, ns, store)` inside trio."""
+def fs(tmp_path):
+    """Run a test body as `await body(ops, ns, store)` inside trio.
 
-    def run(body):
+    Over the memory store by default; `run(body, passthrough=True)` gives a
+    local store in a temporary directory and a kernel that grants passthrough.
+    """
+
+    def run(body, passthrough=False):
         async def main():
-            store = MemoryStore()
+            store = LocalStore(str(tmp_path / "st"), node="t3") if passthrough else MemoryStore()
             ns = Namespace(MemoryMeta(), store, MetaCache(), capacity=None, ttl=3600, node="t3")
             await ns.load_index()
-            ops = Operations(ns, kernel=RecordingKernel(), touch_on_read=False)
+            kernel = RecordingKernel(passthrough)
+            ops = Operations(ns, kernel=kernel, touch_on_read=False)
             async with trio.open_nursery() as nursery:
                 await nursery.start(ns.run_later)
                 await body(ops, ns, store)
@@ -294,3 +315,86 @@ def test_a_removed_name_stays_removed_when_its_writer_closes(fs):
         await ops.rmdir(ROOT, b"s", CTX)
 
     fs(body)
+
+
+def test_passthrough_versions_share_one_backing_file_per_inode(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"bytes")
+        v = await ops.lookup(s.st_ino, b"f", CTX)
+        a = await ops.open(v.st_ino, O_RDONLY, CTX)
+        b = await ops.open(v.st_ino, O_RDONLY, CTX)
+        assert a.backing_id and a.backing_id == b.backing_id
+        entry = await ns.get_entry("s", "f")
+        assert ops.kernel.backing[a.backing_id] == os.stat(store.path(entry.object)).st_ino
+        await ops.release(a.fh)
+        assert a.backing_id in ops.kernel.backing  # b still uses it
+        await ops.release(b.fh)
+        assert ops.kernel.backing == {}
+        assert ns.counters["opens_passthrough"] >= 2
+
+    fs(body, passthrough=True)
+
+
+def test_passthrough_writer_commits_what_the_kernel_wrote(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        fi, attr = await ops.create(s.st_ino, b"f", 0o644, os.O_WRONLY, CTX)
+        assert fi.backing_id and not fi.direct_io
+        w = ops.inodes.nodes[attr.st_ino]
+        # the kernel writes the staged file itself; the daemon never sees it
+        os.pwrite(w.pending.writer.fileno(), b"kernel bytes", 0)
+        assert (await ops.getattr(attr.st_ino, CTX)).st_size == 12
+        # the writer reading its own name by path gets the same backing file
+        r = await ops.open(attr.st_ino, O_RDONLY, CTX)
+        assert r.backing_id == fi.backing_id
+        await ops.release(r.fh)
+        await ops.release(fi.fh)
+        assert ops.kernel.backing == {}
+        entry = await ns.get_entry("s", "f")
+        assert entry.size == 12
+        with open(store.path(entry.object), "rb") as f:
+            assert f.read() == b"kernel bytes"  # the data object is the bytes, at offset 0
+        # the daemon's verified path agrees with the checksum taken at commit
+        ops.reads.verify_reads = True
+        v = await ops.lookup(s.st_ino, b"f", CTX)
+        assert await read_all(ops, v.st_ino) == b"kernel bytes"
+
+    fs(body, passthrough=True)
+
+
+def test_an_inode_served_by_the_daemon_stays_so_while_open(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"x")
+        v = await ops.lookup(s.st_ino, b"f", CTX)
+        ops.reads.verify_reads = True
+        a = await ops.open(v.st_ino, O_RDONLY, CTX)
+        ops.reads.verify_reads = False
+        b = await ops.open(v.st_ino, O_RDONLY, CTX)
+        assert not a.backing_id and not b.backing_id  # never mixed on one inode
+        await ops.release(a.fh)
+        await ops.release(b.fh)
+        c = await ops.open(v.st_ino, O_RDONLY, CTX)
+        assert c.backing_id  # all closed: the next open chooses afresh
+        await ops.release(c.fh)
+
+    fs(body, passthrough=True)
+
+
+def test_untouched_passthrough_writer_commits_nothing(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"same")
+        before = await ns.get_entry("s", "f")
+        v = await ops.lookup(s.st_ino, b"f", CTX)
+        with pytest.raises(pyfuse3.FUSEError):
+            await ops.open(v.st_ino, O_RDWR, CTX)
+        w = await ops.lookup(s.st_ino, b"f", CTX)
+        fi = await ops.open(w.st_ino, O_RDWR, CTX)
+        assert fi.backing_id
+        await ops.flush(fi.fh)
+        await ops.release(fi.fh)
+        assert (await ns.get_entry("s", "f")).version == before.version
+
+    fs(body, passthrough=True)

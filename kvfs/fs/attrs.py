@@ -66,7 +66,7 @@ def writer_attr(node: WriterNode, uid: int, gid: int) -> pyfuse3.EntryAttributes
 
     UID/GID own a brand-new file nobody has set an owner for yet.
     """
-    p = next((h.pending for h in reversed(node.writers) if h.pending is not None), None)
+    p = node.pending
     base = node.entry
     now = time.time_ns()
     if p is not None:

@@ -10,12 +10,14 @@ from .inodes import Node
 
 @dataclass(eq=False)
 class Handle:
+    """One open file description (a `fh`); writers share their inode's PendingFile."""
+
     fh: int
     node: Node
     writable: bool
     entry: Entry | None = None  # the version this handle reads
-    reader: object = None  # the store's reader of that version
-    pending: object = None  # a writer's PendingFile, made at its first change
+    reader: object = None  # the store's reader of that version (daemon path)
+    passthrough: bool = False  # the kernel serves its reads and writes
     owner: int = 0  # process (tgid) that opened it
     flushed: bool = False  # close(2) was called on some descriptor of it
     released: trio.Event = field(default_factory=trio.Event)

@@ -40,6 +40,11 @@ class SessionNode(Node):
 class FileNode(Node):
     session: str
     name: str
+    # How this inode's open files are served while any is open: "passthrough"
+    # (the kernel reads and writes BACKING_ID's file itself) or "daemon". One
+    # inode never mixes the two, nor two backing files (the kernel fails it).
+    path: str | None = None
+    backing_id: int = 0
 
 
 @dataclass(eq=False, kw_only=True)
@@ -51,9 +56,16 @@ class VersionNode(FileNode):
 class WriterNode(FileNode):
     entry: Entry | None = None  # the version it replaces, if any
     owner: int = 0  # the process (tgid) it belongs to
+    # the thread whose open made it: each thread writing a name gets its own
+    # version, so concurrent writers of one name never mix (one whole wins)
+    claimant: int = 0
     pinned: float = 0.0  # claimed at (monotonic) and not yet used by an open
     writers: list = field(default_factory=list)  # handles that write
+    pending: object = None  # the PendingFile its writers share, made at the first change
     orphaned: bool = False  # its name was removed while open: it never commits
+    # committed while the kernel still held its backing file (now the committed
+    # object): no new open may write through it
+    sealed: bool = False
 
     def awaiting_open(self) -> bool:
         return bool(self.pinned) and time.monotonic() - self.pinned < CLAIM_TTL
@@ -64,7 +76,7 @@ class InodeTable:
         self.nodes: dict[int, Node] = {ROOT: RootNode(ino=ROOT, lookups=1)}
         self._sessions: dict[str, int] = {}
         self._versions: dict[tuple[str, str, str], int] = {}
-        # (session, name) -> {owner: writer ino}: a writer's lookup and the
+        # (session, name) -> {claimant thread: writer ino}: a writer's lookup and the
         # "is anyone writing this name" checks are dict hits, not scans
         self._claims: dict[tuple[str, str], dict[int, int]] = {}
         self._next_ino = ROOT + 1
@@ -100,6 +112,8 @@ class InodeTable:
 
     def closed(self, node: Node) -> None:
         node.handles -= 1
+        if isinstance(node, FileNode) and node.handles == 0:
+            node.path = None  # the next open may choose afresh
         if isinstance(node, WriterNode) and not node.writers and not node.awaiting_open():
             # the writer is done: its process finds the committed version again
             self.drop_claim(node)
@@ -164,36 +178,46 @@ class InodeTable:
 
     # -- writers and their claims ------------------------------------------------------
 
-    def claim(self, session: str, name: str, owner: int, base: Entry | None) -> WriterNode:
-        """The writer inode for OWNER's writes to SESSION/NAME (made if needed)."""
+    def claim(
+        self, session: str, name: str, claimant: int, owner: int, base: Entry | None
+    ) -> WriterNode:
+        """The writer inode for thread CLAIMANT's (of process OWNER) writes to SESSION/NAME."""
         owners = self._claims.setdefault((session, name), {})
-        ino = owners.get(owner)
+        ino = owners.get(claimant)
         if ino is not None and ino in self.nodes:
             node = self.nodes[ino]
             if node.writers or node.awaiting_open():
                 node.pinned = time.monotonic()  # another open is on its way
                 return node
         node = self.new_writer(session, name, base, owner=owner)
+        node.claimant = claimant
         node.pinned = time.monotonic()
-        owners[owner] = node.ino
+        owners[claimant] = node.ino
         return node
 
     def new_writer(self, session: str, name: str, base: Entry | None, owner: int = 0):
         """A writer inode nobody can look up (truncate by path uses one)."""
         return self._add(WriterNode, session=session, name=name, entry=base, owner=owner)
 
-    def claim_of(self, session: str, name: str, owner: int) -> WriterNode | None:
+    def claim_of(self, session: str, name: str, claimant: int) -> WriterNode | None:
         owners = self._claims.get((session, name))
         if not owners:
             return None
-        ino = owners.get(owner)
+        ino = owners.get(claimant)
         return self.nodes.get(ino) if ino is not None else None
+
+    def writer_of_process(self, session: str, name: str, owner: int) -> WriterNode | None:
+        """A writer inode of SESSION/NAME that process OWNER (any thread) has open."""
+        for node in self.writers_of(session, name):
+            if node.owner == owner and node.writers:
+                return node
+        return None
 
     def drop_claim(self, node: WriterNode) -> None:
         key = (node.session, node.name)
         owners = self._claims.get(key)
-        if owners and owners.get(node.owner) == node.ino:
-            del owners[node.owner]
+        if owners and owners.get(node.claimant) == node.ino:
+            del owners[node.claimant]
             if not owners:
                 del self._claims[key]
 
@@ -201,10 +225,9 @@ class InodeTable:
         """NODE's process renamed its open file: its version now commits under SESSION/NAME."""
         self.drop_claim(node)
         node.session, node.name = session, name
-        self._claims.setdefault((session, name), {})[node.owner] = node.ino
-        for h in node.writers:
-            if h.pending is not None:
-                h.pending.session, h.pending.name = session, name
+        self._claims.setdefault((session, name), {})[node.claimant] = node.ino
+        if node.pending is not None:
+            node.pending.session, node.pending.name = session, name
 
     def writers_of(self, session: str, name: str) -> list[WriterNode]:
         owners = self._claims.get((session, name), {})

@@ -62,3 +62,28 @@ class Kernel:
     @staticmethod
     def readdir_reply(token, name: bytes, attr, next_id: int) -> bool:
         return pyfuse3.readdir_reply(token, name, attr, next_id)
+
+    # -- FUSE passthrough ----------------------------------------------------------
+
+    @staticmethod
+    def passthrough_granted() -> bool:
+        """Did the kernel agree to passthrough at init? (a pyfuse3 without the
+        patch, an old libfuse or kernel: no)"""
+        granted = getattr(pyfuse3, "passthrough_enabled", None)
+        return bool(granted and granted())
+
+    @staticmethod
+    def open_backing(fd: int) -> int:
+        """Register FD's file as a backing file; its id goes in the open reply.
+
+        Raises OSError (EPERM without CAP_SYS_ADMIN, ELOOP on a stacked file
+        system too deep): the caller serves the file itself instead.
+        """
+        return pyfuse3.passthrough_open(fd)
+
+    @staticmethod
+    def close_backing(backing_id: int) -> None:
+        try:
+            pyfuse3.passthrough_close(backing_id)
+        except OSError as exc:  # open files keep their own reference: nothing is lost
+            log.debug("closing backing id %d: %s", backing_id, exc)

@@ -23,9 +23,10 @@ from .boundary import OpStats, fuse_operation
 from .handles import HandleTable
 from .inodes import ROOT, InodeTable, RootNode, SessionNode, VersionNode, WriterNode
 from .kernel import Kernel
+from .passthrough import Passthrough
 from .procfs import tgid
 from .reads import Reads, Toucher
-from .writes import Writes
+from .writes import Sealed, Writes
 from .xattrs import CONTROL, Xattrs, check_xattr_name
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,12 @@ class Operations(pyfuse3.Operations):
         status_fn=None,
         control_fn=None,
         mountpoint: str = "",
+        passthrough: bool = True,
+        verify_reads: bool = False,
     ):
         super().__init__()
+        # asks pyfuse3 (patched) for FUSE passthrough at init
+        self.enable_passthrough = passthrough
         self.ns = ns
         self.kernel = kernel or Kernel()
         self.control_fn = control_fn
@@ -65,8 +70,16 @@ class Operations(pyfuse3.Operations):
         self.inodes = InodeTable()
         self.handles = HandleTable()
         self.op_stats = OpStats()
-        self.reads = Reads(ns)
+        self.passthrough = Passthrough(self.kernel, ns, passthrough)
         self.toucher = Toucher(ns, touch_interval, enabled=touch_on_read)
+        self.reads = Reads(
+            ns,
+            self.inodes,
+            self.handles,
+            self.passthrough,
+            self.toucher,
+            verify_reads=verify_reads,
+        )
         self.writes = Writes(
             ns,
             self.inodes,
@@ -75,6 +88,7 @@ class Operations(pyfuse3.Operations):
             mountpoint=mountpoint,
             uid=self.uid,
             gid=self.gid,
+            passthrough=self.passthrough,
         )
         self.xattrs = Xattrs(ns, self.writes, status_fn)
 
@@ -155,7 +169,7 @@ class Operations(pyfuse3.Operations):
                 fname = check_name(name)
                 claim = None
                 if ctx is not None:
-                    claim = self.inodes.claim_of(parent.session, fname, tgid(ctx.pid))
+                    claim = self.inodes.claim_of(parent.session, fname, ctx.pid)
                 if claim is not None:
                     node = claim  # a writer finds its own inode
                     attr = attrs.writer_attr(node, self.uid, self.gid)
@@ -223,15 +237,13 @@ class Operations(pyfuse3.Operations):
                     node.session, node.name, node.entry, attr.st_size
                 )
             else:
-                await self.writes.ensure_pending(h)
-                await self.ns.call_io(h.pending.truncate, attr.st_size)
-        if h is None:
-            h = next((w for w in reversed(node.writers) if w.pending is not None), None)
+                await self.writes.ensure_pending(node)
+                await self.ns.call_io(node.pending.truncate, attr.st_size)
         if not _times_or_owner(fields):
             return
-        if h is not None and h.pending is not None and h.pending.dirty:
+        p = node.pending
+        if p is not None and await self.ns.call_io(lambda: p.dirty):
             # a version being written: its metadata commits with it
-            p = h.pending
             if fields.update_mtime:
                 p.mtime_ns = attr.st_mtime_ns
             if fields.update_mode:
@@ -346,7 +358,9 @@ class Operations(pyfuse3.Operations):
         noreplace = bool(flags & pyfuse3.RENAME_NOREPLACE)
         # the caller's own file, open for writing (safetensors renames its
         # temporary file before closing it): its version moves with the name
-        mine = self.inodes.claim_of(old_parent.session, old, tgid(ctx.pid))
+        mine = self.inodes.claim_of(
+            old_parent.session, old, ctx.pid
+        ) or self.inodes.writer_of_process(old_parent.session, old, tgid(ctx.pid))
         try:
             moved = await self.ns.rename(
                 old_parent.session, old, new_parent.session, new, noreplace=noreplace
@@ -410,58 +424,50 @@ class Operations(pyfuse3.Operations):
                 # of its own; the kernel retries the open once on ESTALE,
                 # looking the name up again, and finds it.
                 current = await self.ns.get_entry(node.session, node.name)
-                self.inodes.claim(node.session, node.name, tgid(ctx.pid), current)
+                self.inodes.claim(node.session, node.name, ctx.pid, tgid(ctx.pid), current)
                 raise pyfuse3.FUSEError(errno.ESTALE)
-            entry, reader, past_cache = await self.reads.open_version(node)
-            return self._open_reader(node, entry, reader, past_cache)
+            return await self.reads.open_version(node)
         if not writable:
-            # reading by path while the process writes the name: the committed
-            # version, as every other reader sees it
-            current = await self.ns.get_entry(node.session, node.name)
-            if current is None:
-                raise NotFound(node.name)
-            reader = await self.ns.open_reader(current.object)
-            return self._open_reader(node, current, reader, True)
-        h = self.writes.open_writer(node, tgid(ctx.pid))
-        if flags & os.O_TRUNC:
-            await self.writes.ensure_pending(h, empty=True)
-            h.pending.dirty = True
-        # writes bypass the page cache: nothing to keep coherent
-        return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
+            return await self.reads.open_writer_for_reading(node)
+        if node.sealed:
+            return await self._reopen_elsewhere(node, ctx)
+        truncate = bool(flags & os.O_TRUNC)
+        try:
+            _, fi = await self.writes.open_writer_file(node, tgid(ctx.pid), truncate)
+        except Sealed:
+            return await self._reopen_elsewhere(node, ctx)
+        return fi
 
-    def _open_reader(self, node, entry: Entry, reader, past_cache: bool) -> pyfuse3.FileInfo:
-        h = self.handles.new(node, False)
-        self.inodes.opened(node)
-        h.entry, h.reader = entry, reader
-        self.ns.count("files_read")
-        self.toucher.note(entry)
-        if past_cache:
-            return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
-        # committed versions never change: the kernel may keep their pages
-        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+    async def _reopen_elsewhere(self, node: WriterNode, ctx):
+        """NODE's backing file was committed: a fresh writer inode for this
+        process, through the kernel's one retry on ESTALE (as for a version)."""
+        current = await self.ns.get_entry(node.session, node.name)
+        self.inodes.claim(node.session, node.name, ctx.pid, tgid(ctx.pid), current)
+        raise pyfuse3.FUSEError(errno.ESTALE)
 
     @fuse_operation
     async def create(self, parent_inode, name, mode, flags, ctx):
         parent = self._session_of(parent_inode)
         fname = check_name(name)
         base = await self.writes.base_for_write(parent.session, fname)
-        w = self.inodes.claim(parent.session, fname, tgid(ctx.pid), base)
+        w = self.inodes.claim(parent.session, fname, ctx.pid, tgid(ctx.pid), base)
         h = self.writes.open_writer(w, tgid(ctx.pid))
         try:
-            h.pending = await self.ns.new_pending(
-                parent.session,
-                fname,
-                mode=stat.S_IFREG | (mode & 0o7777),
-                uid=ctx.uid,
-                gid=ctx.gid,
-                xattrs=base.xattrs if base else None,
-            )
+            if w.pending is None:
+                w.pending = await self.ns.new_pending(
+                    parent.session,
+                    fname,
+                    mode=stat.S_IFREG | (mode & 0o7777),
+                    uid=ctx.uid,
+                    gid=ctx.gid,
+                    xattrs=base.xattrs if base else None,
+                )
+            w.pending.dirty = True  # an empty new file is still a file
+            fi = self.writes.file_info(h)
         except BaseException:
             await self.writes.close_handle(h)
             raise
-        h.pending.dirty = True  # an empty new file is still a file
         self.inodes.looked_up(w)
-        fi = pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
         return fi, attrs.writer_attr(w, self.uid, self.gid)
 
     @fuse_operation
@@ -471,9 +477,8 @@ class Operations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EBADF)
         if h.writable:
             # an O_RDWR open reads the version it is changing: stage it now
-            await self.writes.ensure_pending(h)
-        if h.pending is not None:
-            return await self.ns.call_io(h.pending.read, size, off)
+            await self.writes.ensure_pending(h.node)
+            return await self.ns.call_io(h.node.pending.read, size, off)
         return await self.reads.read(h, off, size)
 
     @fuse_operation
@@ -481,11 +486,12 @@ class Operations(pyfuse3.Operations):
         h = self.handles.get(fh)
         if h is None or not h.writable:
             raise pyfuse3.FUSEError(errno.EBADF)
-        await self.writes.ensure_pending(h)
+        node = h.node
+        await self.writes.ensure_pending(node)
         if self.ns.memory_backed:
             # a RAM-backed store: copying into it cannot block
-            return h.pending.write(buf, off)
-        return await self.ns.call_io(h.pending.write, buf, off)
+            return node.pending.write(buf, off)
+        return await self.ns.call_io(node.pending.write, buf, off)
 
     @fuse_operation
     async def flush(self, fh):

@@ -1,16 +1,25 @@
-"""The read path: committed versions, every block checked against its CRC32C."""
+"""The read path: committed versions, by passthrough or with every block checked.
+
+A committed version's data object backs its inode (FUSE passthrough): the
+kernel reads it directly and keeps its pages. Otherwise (passthrough off,
+`--verify-reads`, an object of the old layout, a store that is not local
+files) the daemon serves each read, checking every block against its CRC32C.
+"""
 
 import logging
+import os
 import time
 
+import pyfuse3
 import trio
 
 from ..errors import Corrupt, KvfsError, NotFound
 from ..namespace import Namespace
-from ..objects import BLOCK, check_blocks, data_offset, decode_blocks
+from ..objects import BLOCK, check_blocks, data_offset, decode_blocks, is_legacy
 from ..records import Entry
-from .handles import Handle
-from .inodes import VersionNode
+from .handles import Handle, HandleTable
+from .inodes import FileNode, InodeTable, VersionNode, WriterNode
+from .passthrough import Passthrough
 
 log = logging.getLogger(__name__)
 
@@ -18,11 +27,33 @@ TOUCH_QUEUE_MAX = 100_000  # names waiting for a touch-on-read; beyond it, one i
 
 
 class Reads:
-    def __init__(self, ns: Namespace):
+    def __init__(
+        self,
+        ns: Namespace,
+        inodes: InodeTable,
+        handles: HandleTable,
+        passthrough: Passthrough,
+        toucher: "Toucher",
+        *,
+        verify_reads: bool = False,
+    ):
         self.ns = ns
+        self.inodes = inodes
+        self.handles = handles
+        self.pt = passthrough
+        self.toucher = toucher
+        self.verify_reads = verify_reads
 
-    async def open_version(self, node: VersionNode) -> tuple[Entry, object, bool]:
-        """(entry, reader, past_page_cache) for a read-only open of NODE.
+    def _handle(self, node: FileNode, entry: Entry, reader=None) -> Handle:
+        h = self.handles.new(node, False)
+        self.inodes.opened(node)
+        h.entry, h.reader = entry, reader
+        self.ns.count("files_read")
+        self.toucher.note(entry)
+        return h
+
+    async def open_version(self, node: VersionNode) -> pyfuse3.FileInfo:
+        """A read-only open of version NODE.
 
         The version this name resolved to, even if a replace landed since (as
         an open file outlives a rename over it); opened now, not at the first
@@ -31,6 +62,66 @@ class Reads:
         current = await self.ns.get_entry(node.session, node.name)
         if current is not None and current.version == node.entry.version:
             node.entry = current
+        entry = node.entry
+        if await self._backed(node, entry.object):
+            h = self._handle(node, entry)
+            h.passthrough = True
+            return pyfuse3.FileInfo(fh=h.fh, backing_id=node.backing_id, keep_cache=False)
+        entry, reader, past_cache = await self._daemon_reader(node)
+        self.pt.served_by_daemon(node)
+        h = self._handle(node, entry, reader)
+        if past_cache:
+            return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
+        # committed versions never change: the kernel may keep their pages
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=True)
+
+    async def open_writer_for_reading(self, node: WriterNode) -> pyfuse3.FileInfo:
+        """A read-only open by path of a name the process is writing."""
+        if node.path == "passthrough" and node.backing_id:
+            # the same backing file as its writes: the process reads what it wrote
+            h = self._handle(node, node.entry)
+            h.passthrough = True
+            self.ns.count("opens_passthrough")
+            return pyfuse3.FileInfo(fh=h.fh, backing_id=node.backing_id, keep_cache=False)
+        # the committed version, as every other reader sees it
+        current = await self.ns.get_entry(node.session, node.name)
+        if current is None:
+            raise NotFound(node.name)
+        if not node.writers and node.pending is None and await self._backed(node, current.object):
+            # nothing being written any more (the kernel trusts a name for up
+            # to a clock tick even with a zero timeout, so a just-closed
+            # writer's inode can still be opened): the committed object backs
+            # it now, so no later write may go through this inode
+            node.sealed = True
+            self.inodes.drop_claim(node)
+            h = self._handle(node, current)
+            h.passthrough = True
+            return pyfuse3.FileInfo(fh=h.fh, backing_id=node.backing_id, keep_cache=False)
+        reader = await self.ns.open_reader(current.object)
+        self.pt.served_by_daemon(node)
+        h = self._handle(node, current, reader)
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
+
+    async def _backed(self, node: FileNode, key: str) -> bool:
+        """Serve NODE by passthrough from data object KEY, if it can be."""
+        if self.verify_reads or not self.pt.on or node.path == "daemon" or is_legacy(key):
+            return False
+        fd = None
+        if not node.backing_id:
+            try:
+                fd = await self.ns.open_fd(key)
+            except NotFound:
+                return False  # its bytes are gone: the daemon serves what etcd has now
+            if fd is None:
+                return False  # not a local file
+        try:
+            return self.pt.attach(node, lambda: fd)
+        finally:
+            if fd is not None:
+                os.close(fd)  # the kernel holds its own reference
+
+    async def _daemon_reader(self, node: VersionNode) -> tuple[Entry, object, bool]:
+        """(entry, reader, past the page cache) for the daemon to serve NODE."""
         try:
             return node.entry, await self.ns.open_reader(node.entry.object), False
         except NotFound:

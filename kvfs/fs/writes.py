@@ -1,9 +1,10 @@
 """The write path: writer inodes, staged versions, and the commit at close.
 
-A process that writes a name gets its own `WriterNode`; each writable open
-is a `Handle` whose `PendingFile` (made at the first change) stages the new
-version. The commit runs at the opener's own close (seen in procfs) or at
-the last close (`release`), whichever comes first.
+A process that writes a name gets its own `WriterNode`; its writable opens
+share the node's `PendingFile`, made at the first change (or at open, when
+the kernel writes the staged file directly: FUSE passthrough). The commit
+runs at the opener's own close (seen in procfs) or at the last close
+(`release`), whichever comes first.
 """
 
 import errno
@@ -11,18 +12,24 @@ import logging
 import os
 import stat
 
+import pyfuse3
 import trio
 
 from ..errors import KvfsError, NotFound
 from ..namespace import Namespace
 from .handles import Handle, HandleTable
-from .inodes import InodeTable, WriterNode
+from .inodes import FileNode, InodeTable, WriterNode
 from .kernel import Kernel
+from .passthrough import Passthrough
 from .procfs import holds_file
 
 log = logging.getLogger(__name__)
 
 CLOSING_WAIT = 0.5  # seconds a reader waits for a just-closed writer's commit
+
+
+class Sealed(Exception):
+    """A writable open raced the commit of its writer inode: open it afresh."""
 
 
 class Writes:
@@ -36,6 +43,7 @@ class Writes:
         mountpoint: str = "",
         uid: int = 0,
         gid: int = 0,
+        passthrough: Passthrough,
     ):
         self.ns = ns
         self.inodes = inodes
@@ -43,6 +51,9 @@ class Writes:
         self.kernel = kernel
         self.mountpoint = mountpoint
         self.uid, self.gid = uid, gid
+        self.pt = passthrough
+
+    # -- opening and closing -----------------------------------------------------------
 
     def open_writer(self, node: WriterNode, owner: int) -> Handle:
         h = self.handles.new(node, True, owner)
@@ -51,6 +62,36 @@ class Writes:
         node.pinned = 0.0
         return h
 
+    async def open_writer_file(self, node: WriterNode, owner: int, truncate: bool):
+        """A writable open of NODE: (handle, FileInfo), by passthrough where it can."""
+        h = self.open_writer(node, owner)
+        try:
+            if truncate:
+                await self.ensure_pending(node, empty=True)
+                node.pending.dirty = True
+            if self.pt.on and node.path != "daemon":
+                # the kernel needs the staged file now, not at the first write
+                await self.ensure_pending(node)
+            if node.sealed:
+                # committed while this open was on its way: not through that file
+                raise Sealed
+        except BaseException:
+            await self.close_handle(h)
+            raise
+        return h, self.file_info(h)
+
+    def file_info(self, h: Handle) -> pyfuse3.FileInfo:
+        """The open reply for writer handle H: passthrough to the staged file if it can."""
+        node = h.node
+        p = node.pending
+        if p is not None and self.pt.attach(node, p.passthrough):
+            h.passthrough = True
+            # the kernel reads and writes the staged file; no page cache of ours
+            return pyfuse3.FileInfo(fh=h.fh, backing_id=node.backing_id, keep_cache=False)
+        self.pt.served_by_daemon(node)
+        # writes bypass the page cache: nothing to keep coherent
+        return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
+
     async def close_handle(self, h: Handle) -> None:
         """Forget handle H: an uncommitted version is dropped, a reader closed."""
         node = h.node
@@ -58,20 +99,27 @@ class Writes:
         if isinstance(node, WriterNode) and h in node.writers:
             node.writers.remove(h)
         try:
-            if h.pending is not None:
-                pending, h.pending = h.pending, None
+            if isinstance(node, WriterNode) and not node.writers and node.pending is not None:
+                pending, node.pending = node.pending, None
+                self._seal(node)
                 await self.ns.call_io(pending.abort)
             if h.reader is not None:
                 reader, h.reader = h.reader, None
                 await self.ns.call_io(reader.close)
         finally:
+            if isinstance(node, FileNode) and node.handles == 1:
+                # the last open file of the inode: the kernel keeps what it needs
+                self.pt.release(node)
             self.inodes.closed(node)
 
-    async def ensure_pending(self, h: Handle, empty: bool = False) -> None:
-        """Stage H's new version, starting from the current one's bytes unless EMPTY."""
-        if h.pending is not None:
+    # -- the staged version ---------------------------------------------------------------
+
+    async def ensure_pending(self, node: WriterNode, empty: bool = False) -> None:
+        """Stage NODE's new version, starting from the current one's bytes unless EMPTY."""
+        if node.pending is not None:
             return
-        node = h.node
+        if node.sealed:
+            raise KvfsError("this open file's version was committed; open it again", errno.ESTALE)
         # the version being replaced lends its mode, owner and attributes, and
         # (unless truncated) its bytes
         base = await self.ns.get_entry(node.session, node.name)
@@ -89,11 +137,24 @@ class Writes:
             except BaseException:
                 await self.ns.call_io(p.abort)
                 raise
-        h.pending = p
+        if node.pending is not None:  # another request staged it meanwhile
+            await self.ns.call_io(p.abort)
+            return
+        node.pending = p
 
-    async def commit(self, h: Handle) -> None:
-        p = h.pending
-        entry = await self.ns.commit(p)
+    async def commit(self, node: WriterNode) -> None:
+        # taken off the node first: a flush and a release of two opens of one
+        # writer may both get here, and a version commits once
+        p, node.pending = node.pending, None
+        if p is None:
+            return
+        self._seal(node)
+        try:
+            entry = await self.ns.commit(p)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await self.ns.call_io(p.abort)
+            raise
         log.debug(
             "committed %s/%s version %s size %d",
             entry.session,
@@ -101,7 +162,6 @@ class Writes:
             entry.version[:8],
             entry.size,
         )
-        h.pending = None
         # the name moves to the new version's inode; wait for the kernel to
         # forget the old binding, so the writer's next open finds the new one
         # (none of close, release or setattr holds the directory's lock)
@@ -109,14 +169,27 @@ class Writes:
         if sino is not None and self.inodes.other_version_bound(p.session, p.name, entry.version):
             await self.kernel.forget_entry_now(sino, p.name)
 
+    def _seal(self, node: WriterNode) -> None:
+        """NODE's staged version is gone (committed or dropped).
+
+        While the kernel still holds it as NODE's backing file (a reader of
+        the node keeps it open), no new version may be staged on NODE: its
+        writes would land in the old file. Later writable opens by this
+        process get a fresh writer inode (see Operations.open).
+        """
+        if node.backing_id:
+            log.debug("writer inode %d of %s/%s sealed", node.ino, node.session, node.name)
+            node.sealed = True
+            self.inodes.drop_claim(node)
+
     async def truncate_by_path(self, session: str, name: str, base, size: int) -> None:
         """truncate(2) without a descriptor: a new version, committed at once."""
         w = self.inodes.new_writer(session, name, base)
         h = self.open_writer(w, 0)
         try:
-            await self.ensure_pending(h)
-            await self.ns.call_io(h.pending.truncate, size)
-            await self.commit(h)
+            await self.ensure_pending(w)
+            await self.ns.call_io(w.pending.truncate, size)
+            await self.commit(w)
         finally:
             await self.close_handle(h)
 
@@ -132,6 +205,8 @@ class Writes:
             self.inodes.drop_claim(node)
         return len(nodes)
 
+    # -- close ------------------------------------------------------------------------------
+
     async def flush(self, h: Handle) -> None:
         # Every close(2) of every descriptor lands here, also a forked child
         # closing an inherited one (before its exec). So the commit happens
@@ -139,23 +214,35 @@ class Writes:
         # its own close. Otherwise the commit waits for release (the last
         # close) and flush only checks it could happen. Either way close(2)
         # reports the errno of a commit that cannot happen.
-        if h.pending is None or not h.pending.dirty or h.node.orphaned:
+        if not h.writable:
+            return
+        node = h.node
+        p = node.pending
+        if p is None or node.orphaned or not await self._dirty(p):
             return
         h.flushed = True
-        failed = h.pending.failed
+        failed = p.failed
         if failed is not None:
             raise failed if isinstance(failed, KvfsError) else KvfsError(str(failed), errno.EIO)
         try:
-            if self.owner_closed(h):
-                await self.commit(h)
+            # the only open of this writer, and its process holds the name no
+            # more: its own close. (An open on its way counts as held: a
+            # version commits once no one can write it.)
+            if node.writers == [h] and node.pending is p and self.owner_closed(h):
+                await self.commit(node)
             else:
-                await self.ns.check_commit(h.pending)
+                await self.ns.check_commit(p)
         except KvfsError as exc:
-            log.warning("%s/%s cannot be committed: %s", h.node.session, h.node.name, exc)
-            if h.pending is not None:
-                pending, h.pending = h.pending, None
+            log.warning("%s/%s cannot be committed: %s", node.session, node.name, exc)
+            if node.pending is not None:
+                pending, node.pending = node.pending, None
+                self._seal(node)
                 await self.ns.call_io(pending.abort)
             raise
+
+    async def _dirty(self, p) -> bool:
+        # a passthrough-written file is compared with the staged file (fstat)
+        return await self.ns.call_io(lambda: p.dirty)
 
     def owner_closed(self, h: Handle) -> bool:
         if not self.mountpoint or not h.owner:
@@ -166,26 +253,30 @@ class Writes:
         return not holds_file(h.owner, path)
 
     async def release(self, h: Handle) -> None:
+        node = h.node
         try:
-            p = h.pending
-            if p is not None and getattr(h.node, "orphaned", False):
+            if h in getattr(node, "writers", ()):
+                # taken off first, so two releases at once cannot both see the other
+                node.writers.remove(h)
+            p = node.pending if h.writable else None
+            if p is None or node.writers:
+                pass  # other opens of this writer commit at their close
+            elif node.orphaned:
                 log.debug("%s/%s was removed while open: not committed", p.session, p.name)
-            elif p is not None and p.failed is not None:
+            elif p.failed is not None:
                 log.warning(
-                    "%s/%s: not committed after a failed write (%s)",
-                    h.node.session,
-                    h.node.name,
-                    p.failed,
+                    "%s/%s: not committed after a failed write (%s)", p.session, p.name, p.failed
                 )
-            elif p is not None and p.dirty:
+            elif node.pending is p and await self._dirty(p) and not node.writers:
+                # (checked again after the wait: an open may have joined meanwhile)
                 try:
-                    await self.commit(h)
+                    await self.commit(node)
                 except KvfsError as exc:
                     self.ns.count("failed_commits")
                     log.error(
                         "commit of %s/%s failed, the new version is dropped: %s",
-                        h.node.session,
-                        h.node.name,
+                        p.session,
+                        p.name,
                         exc,
                     )
         finally:
@@ -199,8 +290,10 @@ class Writes:
         reader arriving in between would see the previous version.
         """
         for node in self.inodes.writers_of(session, name):
+            if node.pending is None:
+                continue
             for w in list(node.writers):
-                if w.flushed and w.pending is not None and w.pending.dirty:
+                if w.flushed:
                     with trio.move_on_after(CLOSING_WAIT):
                         await w.released.wait()
 

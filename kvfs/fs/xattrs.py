@@ -62,7 +62,7 @@ class Xattrs:
                 "user.kvfs.size": str(sum(e.size for e in entries)).encode(),
             }
         if isinstance(node, WriterNode):
-            p = next((h.pending for h in reversed(node.writers) if h.pending), None)
+            p = node.pending
             size = p.size if p is not None else node.entry.size if node.entry else 0
             return {"user.kvfs.size": str(size).encode()}
         entry = await self.file_entry(node)
@@ -85,9 +85,8 @@ class Xattrs:
                 raise NotFound(node.session)
             return info.xattrs
         if isinstance(node, WriterNode):
-            for w in reversed(node.writers):
-                if w.pending is not None:
-                    return w.pending.xattrs
+            if node.pending is not None:
+                return node.pending.xattrs
             return node.entry.xattrs if node.entry else {}
         return (await self.file_entry(node)).xattrs
 
@@ -126,12 +125,11 @@ class Xattrs:
             # attributes set while writing commit with the bytes
             if not node.writers:
                 raise KvfsError("the writer has closed the file", errno.ESTALE)
-            h = node.writers[-1]
-            await self.writes.ensure_pending(h)
-            x = dict(h.pending.xattrs)
+            await self.writes.ensure_pending(node)
+            x = dict(node.pending.xattrs)
             change(x)
             check_xattr_room(x)
-            h.pending.xattrs = x
+            node.pending.xattrs = x
             return None
 
         def mutate(e: Entry):
