@@ -34,6 +34,10 @@ class Config:
     # every read served by the daemon and checked against its block checksums
     # (turns passthrough off for reads)
     verify_reads: bool = False
+    # a background scrub re-checks stored bytes every scrub_interval seconds
+    # (0: never), reading at most scrub_rate bytes/s
+    scrub_interval: float = 86400.0
+    scrub_rate: int = 64 << 20
     touch_on_read: bool = True
     touch_interval: float | None = None  # default: min(60 s, ttl / 4)
     state_dir: str = DEFAULT_STATE_DIR
@@ -99,7 +103,8 @@ def _coerce(name: str, value, where: str):
         if t.startswith("int"):
             if value is None:
                 return None
-            v = parse_size(value) if name in ("capacity", "max_file_size") else int(value)
+            sized = ("capacity", "max_file_size", "scrub_rate")
+            v = parse_size(value) if name in sized else int(value)
             if v < 0:
                 raise ValueError("must not be negative")
             return v

@@ -154,6 +154,8 @@ class Daemon:
                     "index_negatives",
                     "opens_passthrough",
                     "opens_daemon",
+                    "scrubbed",
+                    "quarantined",
                 )
             },
             # how open files are served: the kernel itself, or the daemon
@@ -169,6 +171,11 @@ class Daemon:
                 "watch": self.watch_state,
                 **self.meta.statistics(),
             },
+            "scrub": {
+                **ns.scrub_state,
+                "interval_s": self.cfg.scrub_interval,
+                "rate": self.cfg.scrub_rate,
+            },
             "expiry": {
                 "ttl_s": self.cfg.ttl,
                 "cleanup_interval_s": self.cfg.cleanup_interval,
@@ -180,6 +187,8 @@ class Daemon:
     async def control(self, verb: str, value: bytes) -> None:
         if verb == "gc":
             await self.collect(force=True)
+        elif verb == "scrub":
+            await self.scrub(force=True)
         elif verb == "invalidate":
             self.ns.cache.invalidate_all()
         else:
@@ -205,6 +214,38 @@ class Daemon:
                     await ns.call_meta(self.meta.unlock, lease)
                 except KvfsError:
                     pass  # the lease runs out by itself
+
+    async def scrub(self, force: bool = False) -> int:
+        """One scrub pass (see Namespace.scrub), by whichever daemon holds the etcd lock.
+
+        FORCE (`kvfs scrub`) runs flat out; the background pass is paced by
+        `scrub_rate` so it never competes with serving.
+        """
+        ns = self.ns
+        lease = await ns.call_meta(self.meta.try_lock, "scrub", 3600, self.node)
+        if lease is None:
+            if force:
+                raise Conflict("another node's scrub is running; try again")
+            return 0
+        try:
+            return await ns.scrub(rate=None if force else self.cfg.scrub_rate)
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await ns.call_meta(self.meta.unlock, lease)
+                except KvfsError:
+                    pass  # the lease runs out by itself
+
+    async def run_scrubber(self, task_status=trio.TASK_STATUS_IGNORED):
+        task_status.started()
+        if not self.cfg.scrub_interval:
+            return
+        while True:
+            await trio.sleep(self.cfg.scrub_interval)
+            try:
+                await self.scrub()
+            except KvfsError as exc:
+                log.warning("scrub pass failed: %s", exc)
 
     async def run_collector(self, task_status=trio.TASK_STATUS_IGNORED):
         task_status.started()
@@ -419,6 +460,7 @@ class Daemon:
         await nursery.start(ops.toucher.run)
         await nursery.start(self.run_watch)
         await nursery.start(self.run_collector)
+        await nursery.start(self.run_scrubber)
         await nursery.start(self.run_health)
         await nursery.start(self.run_signals)
         nursery.start_soon(self._make_ready, on_ready)

@@ -35,7 +35,10 @@ from .errors import (
 from .meta import Meta
 from .metacache import MetaCache
 from .objects import (
+    BLOCK,
     HEADER_SIZE,
+    check_blocks,
+    data_offset,
     decode_blocks,
     encode_blocks,
     encode_header,
@@ -81,6 +84,7 @@ class Namespace:
         self.index: dict[tuple, tuple[int, int]] = {}
         self.used = 0
         self.last_corrupt: str | None = None
+        self.scrub_state: dict = {"running": False, "done": 0, "total": 0, "quarantined": 0}
         # True while `index` mirrors etcd (loaded, and the watch is up)
         self.index_complete = False
         self._later: list[tuple] = []  # heap of (due, seq, fn, what)
@@ -177,6 +181,8 @@ class Namespace:
 
     async def copy_version(self, p: PendingFile, base: Entry) -> None:
         """Fill P with BASE's bytes, every block checked (a copy never launders corruption)."""
+        if base.bad:
+            raise Corrupt(f"quarantined by scrub: {base.bad}")
         sums = decode_blocks(base.blocks) if base.blocks else None
 
         def copy():
@@ -467,6 +473,88 @@ class Namespace:
         self.counters["files_written"] += 1
         self.counters["bytes_written"] += entry.size
         return entry
+
+    # -- scrub: stored bytes checked at rest -------------------------------------------
+
+    async def scrub(self, rate: int | None = None) -> int:
+        """Check every version's bytes against its block checksums; quarantine the bad.
+
+        RATE (bytes/s) paces a background pass; None runs flat out. Returns
+        how many versions were quarantined. Progress is in `scrub_state`.
+        """
+        entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
+        state = self.scrub_state = {
+            "running": True,
+            "done": 0,
+            "total": len(entries),
+            "quarantined": 0,
+            "started": time.time(),
+        }
+        t0, read = trio.current_time(), 0
+        try:
+            for e in entries:
+                if not e.bad:
+                    reason = await self.call_io(self._check_stored, e)
+                    if reason is not None and await self._quarantine(e, reason):
+                        state["quarantined"] += 1
+                    read += e.size
+                    if rate:
+                        ahead = read / rate - (trio.current_time() - t0)
+                        if ahead > 0:
+                            await trio.sleep(ahead)
+                state["done"] += 1
+        finally:
+            state["running"] = False
+            state["finished"] = time.time()
+        self.counters["scrubbed"] += state["done"]
+        return state["quarantined"]
+
+    def _check_stored(self, e: Entry) -> str | None:
+        """Blocking: why E's stored bytes are bad, or None if they check out."""
+        if not e.blocks:
+            return None  # written by a kvfs that kept no block sums
+        sums = decode_blocks(e.blocks)
+        base = data_offset(e.object)
+        try:
+            reader = self.store.reader(e.object)
+        except NotFound:
+            return "object missing from the store"
+        try:
+            for off in range(0, e.size, BLOCK):
+                n = min(BLOCK, e.size - off)
+                chunk = reader.pread(n, base + off)
+                if len(chunk) < n:
+                    return f"object truncated at {off + len(chunk)}"
+                try:
+                    check_blocks(chunk, off, sums)
+                except Corrupt as exc:
+                    return str(exc)
+        except NotFound:
+            return "object missing from the store"
+        finally:
+            reader.close()
+        return None
+
+    async def _quarantine(self, e: Entry, reason: str) -> bool:
+        current = await self.call_meta(self.meta.get_entry, e.session, e.name)
+        if current is None or current.version != e.version:
+            return False  # replaced or removed meanwhile: nothing to quarantine
+        current.bad = reason
+        try:
+            await self.call_meta(self.meta.commit, current, current.rev)
+        except Conflict:
+            return False  # changed meanwhile: the next pass looks again
+        self.cache.put_entry(current)
+        self.counters["quarantined"] += 1
+        self.last_corrupt = f"{e.session}/{e.name}"
+        log.error(
+            "scrub: %s/%s (object %s): %s; quarantined (reads get EIO until it is rewritten)",
+            e.session,
+            e.name,
+            e.object,
+            reason,
+        )
+        return True
 
     # -- capacity and expiry --------------------------------------------------------------
 

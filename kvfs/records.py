@@ -21,6 +21,9 @@ class Entry:
     checksum: str = ""
     blocks: str = ""  # base64 of the per-block CRC32Cs (objects.BLOCK bytes each)
     store: str = ""
+    # why a scrub found the stored bytes bad ("" = good): reads get EIO, the
+    # connector a miss, until the name is written again
+    bad: str = ""
     mode: int = 0o100644
     uid: int = 0
     gid: int = 0

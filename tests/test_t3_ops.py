@@ -398,3 +398,28 @@ def test_untouched_passthrough_writer_commits_nothing(fs):
         assert (await ns.get_entry("s", "f")).version == before.version
 
     fs(body, passthrough=True)
+
+
+def test_scrub_quarantines_bad_bytes_at_rest(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"good", b"G" * 3000)
+        await write_file(ops, s.st_ino, b"bad", b"B" * 3000)
+        entry = await ns.get_entry("s", "bad")
+        raw, t = store._objects[entry.object]
+        store._objects[entry.object] = (raw[:100] + b"x" + raw[101:], t)
+        assert await ns.scrub() == 1
+        assert ns.scrub_state["done"] == 2 and not ns.scrub_state["running"]
+        v = await ops.lookup(s.st_ino, b"bad", CTX)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.open(v.st_ino, O_RDONLY, CTX)
+        assert e.value.errno == errno.EIO
+        assert b"checksum mismatch" in await ops.getxattr(v.st_ino, b"user.kvfs.quarantined", CTX)
+        good = await ops.lookup(s.st_ino, b"good", CTX)
+        assert await read_all(ops, good.st_ino) == b"G" * 3000
+        # writing the name again replaces the quarantined version
+        await write_file(ops, s.st_ino, b"bad", b"new")
+        assert not (await ns.get_entry("s", "bad")).bad
+        assert await ns.scrub() == 0
+
+    fs(body)

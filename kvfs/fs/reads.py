@@ -63,6 +63,10 @@ class Reads:
         if current is not None and current.version == node.entry.version:
             node.entry = current
         entry = node.entry
+        if entry.bad:
+            exc = Corrupt(f"quarantined by scrub: {entry.bad}")
+            self.ns.note_corrupt(entry, exc)
+            raise exc
         if await self._backed(node, entry.object):
             h = self._handle(node, entry)
             h.passthrough = True

@@ -66,7 +66,8 @@ class Xattrs:
             size = p.size if p is not None else node.entry.size if node.entry else 0
             return {"user.kvfs.size": str(size).encode()}
         entry = await self.file_entry(node)
-        return {
+        out = {"user.kvfs.quarantined": entry.bad.encode()} if entry.bad else {}
+        return out | {
             "user.kvfs.size": str(entry.size).encode(),
             "user.kvfs.ctime": str(entry.ctime_ns).encode(),
             "user.kvfs.mtime": str(entry.mtime_ns).encode(),
