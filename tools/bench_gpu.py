@@ -15,10 +15,13 @@ Loads are timed cold (after `echo 3 > /proc/sys/vm/drop_caches`, where that is
 allowed) and warm; each is the median of --reps runs (min and max beside it),
 from the call to the data being on the GPU (a device synchronize). A
 profile follows: file -> pinned reads alone with the connector's thread count,
-retrieves without checksums, one core's CRC-32 speed, thread-count sweeps.
+retrieves without checksums and without the connector's posix_fadvise(WILLNEED),
+one core's CRC-32 speed, thread-count sweeps. Through the mount it prints the
+daemon's `kvfs status` (passthrough on or not, opens per path), and it records
+the page cache before and after each drop (is "cold" real?).
 Prints a table and writes JSON (--json, default $OUT/bench_gpu.json).
 
-    source .gpu-bundle/env.sh && python3 tools/bench_gpu.py          # on the device
+    source .gpu-bundle/env.sh && python3 tools/bench_gpu.py --commit <HEAD here>   # on the device
     .venv/bin/python tools/bench_gpu.py --device cpu --tokens 1024 --no-mount   # smoke test
 """
 
@@ -62,14 +65,30 @@ def sync(device):
         torch.cuda.synchronize(device)
 
 
+DROPS = []  # (page cache kB before, after) of each drop: is "cold" real?
+
+
+def cached_kb() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("Cached:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return -1
+
+
 def drop_caches() -> bool:
     os.sync()
+    before = cached_kb()
     try:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
-        return True
     except OSError:
         return False
+    DROPS.append((before, cached_kb()))
+    return True
 
 
 def timed(fn, device, reps, before=None):
@@ -183,6 +202,32 @@ def bench_api(res, args, device, kv, ids, where, mount, require_kvfs, label):
         timed(lambda r: nock.retrieve_kv(ids, session=f"{label}-s0", device=device), device, 3),
     )
     nock.close()
+    # Profile: the connector's posix_fadvise(WILLNEED) on each chunk file left out
+    # (through a passthrough mount it sends FUSE reads to the daemon; os is patched
+    # here, in this process only, the connector is unchanged).
+    real_fadvise = os.posix_fadvise
+    os.posix_fadvise = lambda *a: None
+    try:
+        nofa = engine(args, mount, require_kvfs)
+        nofa.retrieve_kv(ids, session=f"{label}-s0", device=device)
+        res.add(
+            label + " no-fadvise",
+            "load warm",
+            timed(lambda r: nofa.retrieve_kv(ids, session=f"{label}-s0", device=device), device, 3),
+        )
+        res.add(
+            label + " no-fadvise",
+            "load cold",
+            timed(
+                lambda r: nofa.retrieve_kv(ids, session=f"{label}-s0", device=device),
+                device,
+                3,
+                before=lambda r: drop_caches(),
+            ),
+        )
+        nofa.close()
+    finally:
+        os.posix_fadvise = real_fadvise
     for n in args.sweep:
         sweep(res, args, device, kv, ids, mount, require_kvfs, label, n)
     raw_reads(res, args, device, Path(mount) / f"{label}-s0", label)
@@ -337,6 +382,10 @@ def main():
     ap.add_argument("--store", default="/dev/shm/kvbench-store", help="the mount's store")
     ap.add_argument("--no-mount", action="store_true")
     ap.add_argument("--kvfs-src", help="directory holding the kvfs package the daemon runs from")
+    ap.add_argument(
+        "--commit",
+        help="the commit measured, as given here (the device copy's git history is not the checkout's)",
+    )
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_gpu.json"))
     args = ap.parse_args()
     global KVFS_SRC
@@ -362,9 +411,14 @@ def main():
         with open(os.path.join(args.kvfs_src, "COMMIT")) as f:
             info["kvfs_commit"] = f.read().strip()  # written where the copy was made
     try:
-        info["commit"] = subprocess.run(
-            ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"], capture_output=True, text=True
-        ).stdout.strip()
+        info["commit"] = (
+            args.commit
+            or subprocess.run(
+                ["git", "-C", str(ROOT), "log", "-1", "--format=%h %s"],
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
+        )
     except OSError:
         pass
     print(f"KV {nbytes / GB:.3f} GB, {info['shape']}, on {info['device']}", flush=True)
@@ -380,9 +434,17 @@ def main():
     if not args.no_mount:
         mnt, store = Path(args.mount), Path(args.store)
         info["mount_command"] = mount_kvfs(mnt, store)
+        info["passthrough_at_mount"] = kvfs_status(mnt).get("passthrough")
+        print(f"kvfs mounted, passthrough: {info['passthrough_at_mount']!r}", flush=True)
         try:
             bench_api(res, args, device, kv, ids, mnt, mnt, True, "api-kvfs")
             status = kvfs_status(mnt)
+            c = status.get("counters", {})
+            print(
+                f"kvfs status: passthrough {status.get('passthrough')!r}, opens_passthrough "
+                f"{c.get('opens_passthrough')}, opens_daemon {c.get('opens_daemon')}",
+                flush=True,
+            )
         finally:
             kvfs_cli("umount", str(mnt), timeout=60)
     shutil.rmtree(tmp, ignore_errors=True)
@@ -397,6 +459,9 @@ def main():
         print(f"target through the mount, {op}: {t['gbps']:.2f} GB/s vs {t['target']} ({verdict})")
     out = {"info": info, "crc32_one_core_gbps": crc, "rows": res.rows, "targets": targets}
     out["kvfs_status"] = status
+    if DROPS:  # page cache (kB) before and after each drop_caches, first and last
+        out["drop_caches_cached_kb"] = DROPS
+        print(f"drop_caches: {len(DROPS)} drops, Cached kB before/after: {DROPS[0]} .. {DROPS[-1]}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
     print("wrote", args.json)
