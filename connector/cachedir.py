@@ -18,6 +18,7 @@ from .counters import Counters
 
 FUSE_SUPER_MAGIC = 0x65735546  # statfs f_type of every FUSE filesystem
 STORE_XATTR = "user.kvfs.store"  # set on the root of a kvfs mount, by kvfs only
+PASSTHROUGH_XATTR = "user.kvfs.passthrough"  # "on" when the kernel reads files itself
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -29,6 +30,13 @@ def fs_type(path: str) -> int:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), path)
     return struct.unpack_from("l", buf)[0]  # f_type is the first field, a long
+
+
+def _passthrough(root: str) -> bool:
+    try:
+        return os.getxattr(root, PASSTHROUGH_XATTR) == b"on"
+    except OSError:
+        return False  # an older kvfs: the daemon serves reads
 
 
 class NotMounted(OSError):
@@ -56,6 +64,7 @@ class CacheDir:
     ):
         self.root = root
         self.require_kvfs = require_kvfs
+        self.passthrough = False  # learnt from the mount's root at the first check
         self.file_mode = file_mode
         self.dir_mode = dir_mode
         self.counters = counters or Counters()
@@ -74,6 +83,7 @@ class CacheDir:
             if dev != self._kvfs_dev:  # a new mount: once, ask kvfs itself
                 os.getxattr(self.root, STORE_XATTR)
                 self._kvfs_dev = dev
+                self.passthrough = _passthrough(self.root)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP):
                 return f"a FUSE filesystem without {STORE_XATTR}, not kvfs"
@@ -113,7 +123,9 @@ class CacheDir:
         return os.path.exists(self.path(session, name))
 
     def open(self, session: str, name: str) -> ChunkFile:
-        return ChunkFile(self.path(session, name))
+        # with FUSE passthrough the kernel reads the store's file directly; a
+        # readahead hint would only make the daemon read it a second time
+        return ChunkFile(self.path(session, name), willneed=not self.passthrough)
 
     # -- writing -----------------------------------------------------------------
 

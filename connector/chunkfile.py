@@ -201,7 +201,7 @@ def _write_rest(fd: int, bufs: list, done: int) -> None:
 class ChunkFile:
     """An open chunk file whose header has been parsed and size checked."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, willneed: bool = True):
         self.path = path
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -217,6 +217,8 @@ class ChunkFile:
         except BaseException:
             os.close(self.fd)
             raise
+        if not willneed:
+            return
         try:
             # Ask for the whole file now: through FUSE the kernel then fetches
             # it in large read-ahead requests while we consume it layer by

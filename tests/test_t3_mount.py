@@ -303,6 +303,22 @@ def test_status_reports_counters(kvfs_mount):
     assert "cache" in human and "etcd" in human
 
 
+def test_readahead_hints_on_passthrough_files(kvfs_mount):
+    # the kernel sends the daemon the readahead of posix_fadvise even for a
+    # file it reads itself: answered with the true bytes, no error logged
+    p = kvfs_mount.path / "s"
+    p.mkdir()
+    data = os.urandom(5 << 20)
+    (p / "f").write_bytes(data)
+    fd = os.open(p / "f", os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        assert os.pread(fd, len(data), 0) == data
+    finally:
+        os.close(fd)
+    assert os.getxattr(kvfs_mount.path, "user.kvfs.passthrough") == b"on"
+
+
 def test_reads_come_from_page_cache_when_warm(kvfs_mount):
     p = kvfs_mount.path / "s"
     p.mkdir()

@@ -423,3 +423,26 @@ def test_scrub_quarantines_bad_bytes_at_rest(fs):
         assert await ns.scrub() == 0
 
     fs(body)
+
+
+def test_readahead_on_a_passthrough_open_gets_the_true_bytes(fs):
+    # posix_fadvise(WILLNEED) fills the inode's own pages through the daemon
+    # even when the kernel reads the backing file itself
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"0123456789")
+        v = await ops.lookup(s.st_ino, b"f", CTX)
+        fi = await ops.open(v.st_ino, O_RDONLY, CTX)
+        assert fi.backing_id
+        assert bytes(await ops.read(fi.fh, 2, 4)) == b"2345"
+        await ops.release(fi.fh)
+        fi, attr = await ops.create(s.st_ino, b"g", 0o644, os.O_WRONLY, CTX)
+        os.pwrite(ops.inodes.nodes[attr.st_ino].pending.writer.fileno(), b"staged", 0)
+        r = await ops.open(attr.st_ino, O_RDONLY, CTX)
+        assert bytes(await ops.read(r.fh, 0, 100)) == b"staged"
+        await ops.release(r.fh)
+        await ops.release(fi.fh)
+        root = await ops.getxattr(ROOT, b"user.kvfs.passthrough", CTX)
+        assert root == b"on"
+
+    fs(body, passthrough=True)

@@ -90,7 +90,7 @@ class Operations(pyfuse3.Operations):
             gid=self.gid,
             passthrough=self.passthrough,
         )
-        self.xattrs = Xattrs(ns, self.writes, status_fn)
+        self.xattrs = Xattrs(ns, self.writes, status_fn, self.passthrough.state)
 
     def statistics(self) -> dict:
         return self.op_stats.statistics()

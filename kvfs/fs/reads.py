@@ -137,9 +137,19 @@ class Reads:
             return current, await self.ns.open_reader(current.object), True
 
     async def read(self, h: Handle, off: int, size: int):
+        node = h.node
+        if h.passthrough and isinstance(node, WriterNode) and node.pending is not None:
+            # a reader sharing its writer's staged file (the kernel asks the
+            # daemon only for its own readahead, e.g. posix_fadvise)
+            return await self.ns.call_io(node.pending.read, size, off)
         entry = h.entry
         if entry is None:
             return b""
+        if h.reader is None:
+            # a passthrough open: the kernel reads the backing file itself, but
+            # readahead into the inode's own pages (posix_fadvise WILLNEED)
+            # still asks the daemon, which must answer with the true bytes
+            h.reader = await self.ns.open_reader(entry.object)
         size = max(0, min(size, entry.size - off))
         if size == 0:
             return b""

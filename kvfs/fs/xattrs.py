@@ -33,10 +33,11 @@ def check_xattr_name(name: bytes) -> str | None:
 
 
 class Xattrs:
-    def __init__(self, ns: Namespace, writes: Writes, status_fn=None):
+    def __init__(self, ns: Namespace, writes: Writes, status_fn=None, passthrough_fn=None):
         self.ns = ns
         self.writes = writes
         self.status_fn = status_fn
+        self.passthrough_fn = passthrough_fn
 
     async def file_entry(self, node: VersionNode) -> Entry:
         """The metadata a version's inode shows, kept current."""
@@ -48,6 +49,9 @@ class Xattrs:
     async def computed(self, node) -> dict[str, bytes]:
         if isinstance(node, RootNode):
             out = {"user.kvfs.store": self.ns.store_url.encode()}
+            if self.passthrough_fn is not None:
+                # the connector skips readahead hints the kernel would send here
+                out["user.kvfs.passthrough"] = self.passthrough_fn().encode()
             if self.status_fn is not None:
                 out["user.kvfs.status"] = self.status_fn().encode()
             return out
