@@ -372,27 +372,34 @@ def test_mv_session(kvfs_mount, tree):
 # -- libraries writing straight into the mount -------------------------------
 
 
-def safetensors_roundtrip(d: Path):
-    import torch
-    from safetensors.torch import load_file, save_file
+# Run in a fresh interpreter, not a fork: a fork of a pytest process that has
+# already run torch (the connector tests) can hang in torch's thread pools.
+SAFETENSORS_ROUNDTRIP = """
+import os, sys
+from pathlib import Path
+import torch
+from safetensors.torch import load_file, save_file
 
-    tensors = {
-        "k": torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024),
-        "v": torch.full((7, 13), 3.5, dtype=torch.bfloat16),
-        "pos": torch.arange(100, dtype=torch.int64),
-    }
-    d.mkdir()
-    save_file(tensors, str(d / "layer0.safetensors"), metadata={"model": "tiny"})
-    back = load_file(str(d / "layer0.safetensors"))
-    assert sorted(back) == sorted(tensors)
-    for k, t in tensors.items():
-        assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
-    # the temporary name safetensors wrote first must be gone
-    assert os.listdir(d) == ["layer0.safetensors"]
+d = Path(sys.argv[1])
+tensors = {
+    "k": torch.arange(64 * 1024, dtype=torch.float32).reshape(64, 1024),
+    "v": torch.full((7, 13), 3.5, dtype=torch.bfloat16),
+    "pos": torch.arange(100, dtype=torch.int64),
+}
+d.mkdir()
+save_file(tensors, str(d / "layer0.safetensors"), metadata={"model": "tiny"})
+back = load_file(str(d / "layer0.safetensors"))
+assert sorted(back) == sorted(tensors)
+for k, t in tensors.items():
+    assert back[k].dtype == t.dtype and torch.equal(back[k], t), k
+# the temporary name safetensors wrote first must be gone
+assert os.listdir(d) == ["layer0.safetensors"], os.listdir(d)
+"""
 
 
 def test_safetensors_save_and_load(kvfs_mount):
-    bounded(safetensors_roundtrip, kvfs_mount.path / "s", timeout=120)
+    r = sh(sys.executable, "-c", SAFETENSORS_ROUNDTRIP, kvfs_mount.path / "s", timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 def numpy_memmap(d: Path):
