@@ -19,6 +19,7 @@ import base64
 import json
 import struct
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import crc32c
 
@@ -193,29 +194,40 @@ def _zero_crc(n: int) -> int:
     return _ZERO_CRC[n]
 
 
-def sums_of(read, size: int, data_ranges=None) -> list[int]:
+def sums_of(read, size: int, data_ranges=None, workers: int = 1) -> list[int]:
     """Block CRCs of SIZE bytes read through READ(size, offset).
 
     DATA_RANGES(size), when given, lists the (start, end) extents that hold
     data; blocks wholly in a hole are zeros and are not read, so a sparse
-    file costs what it stores.
+    file costs what it stores. WORKERS threads share the blocks (CRC32C and
+    pread release the GIL): a commit's checksum pass on a large file.
     """
     extents = list(data_ranges(size)) if data_ranges is not None else None
-    out = []
-    off = 0
-    i = 0
-    while off < size:
-        n = min(BLOCK, size - off)
-        if extents is not None:
-            while i < len(extents) and extents[i][1] <= off:
-                i += 1
-            if i == len(extents) or extents[i][0] >= off + n:
-                out.append(_zero_crc(n))
-                off += n
-                continue
-        chunk = read(n, off)
-        if len(chunk) < n:  # a sparse tail reads short: zeros
-            chunk = bytes(chunk) + bytes(n - len(chunk))
-        out.append(crc32c.crc32c(chunk))
-        off += n
+    nblocks = (size + BLOCK - 1) // BLOCK
+    out = [0] * nblocks
+
+    def span(first: int, last: int) -> None:
+        i = 0
+        for b in range(first, last):
+            off = b * BLOCK
+            n = min(BLOCK, size - off)
+            if extents is not None:
+                while i < len(extents) and extents[i][1] <= off:
+                    i += 1
+                if i == len(extents) or extents[i][0] >= off + n:
+                    out[b] = _zero_crc(n)
+                    continue
+            chunk = read(n, off)
+            if len(chunk) < n:  # a sparse tail reads short: zeros
+                chunk = bytes(chunk) + bytes(n - len(chunk))
+            out[b] = crc32c.crc32c(chunk)
+
+    workers = max(1, min(workers, nblocks // 8))  # small files: not worth a thread
+    if workers == 1:
+        span(0, nblocks)
+        return out
+    step = (nblocks + workers - 1) // workers
+    with ThreadPoolExecutor(workers) as pool:
+        for f in [pool.submit(span, b, min(b + step, nblocks)) for b in range(0, nblocks, step)]:
+            f.result()
     return out

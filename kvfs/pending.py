@@ -22,6 +22,8 @@ from .objects import (
 from .store import Store
 
 COPY_CHUNK = 8 << 20
+# threads for a commit's checksum pass over a file the kernel wrote
+CHECKSUM_THREADS = min(8, os.cpu_count() or 1)
 
 
 class PendingFile:
@@ -185,7 +187,12 @@ class PendingFile:
         size = self.size
         sums = self.crc.result(size)
         if sums is None:
-            sums = sums_of(self.writer.pread, size, getattr(self.writer, "data_ranges", None))
+            sums = sums_of(
+                self.writer.pread,
+                size,
+                getattr(self.writer, "data_ranges", None),
+                workers=CHECKSUM_THREADS,
+            )
         return block_checksum(sums), sums
 
     def commit_object(self, header: bytes) -> None:

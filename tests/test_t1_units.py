@@ -2,6 +2,7 @@
 
 import errno
 import json
+import os
 
 import pytest
 from safetensors import safe_open
@@ -88,6 +89,9 @@ def test_sums_of_skips_holes():
     reads.clear()
     sparse = sums_of(read, size, lambda s: [(2 * BLOCK, 2 * BLOCK + 4096)])
     assert sparse == dense and reads == [2 * BLOCK]
+    big = 40 * BLOCK + 3
+    data = bytearray(os.urandom(big))
+    assert sums_of(read, big, workers=4) == sums_of(read, big)
 
 
 def test_empty_object_and_unicode_names():

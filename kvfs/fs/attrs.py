@@ -50,7 +50,7 @@ def session_attr(node: Node, info: SessionInfo) -> pyfuse3.EntryAttributes:
 
 def file_attr(node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
     a = _base(node.ino)
-    a.st_mode = stat.S_IFREG | (entry.mode & 0o7777)
+    a.st_mode = stat.S_IFREG | (entry.mode & 0o1777)
     a.st_nlink = 1
     a.st_uid, a.st_gid = entry.uid, entry.gid
     a.st_size = entry.size
@@ -76,9 +76,14 @@ def writer_attr(node: WriterNode, uid: int, gid: int) -> pyfuse3.EntryAttributes
         mode, uid, gid, size, mtime = base.mode, base.uid, base.gid, base.size, base.mtime_ns
     else:
         mode, size, mtime = stat.S_IFREG | 0o644, 0, now
-    # private to the writer and changing: the kernel must always ask
+    # private to the writer and changing: the kernel must always look the name
+    # up again. Its attributes too, unless the kernel writes the file itself
+    # (passthrough): then it keeps the size current, and asking on every
+    # write (the kernel checks for setuid bits to drop) would halve the speed
     a = _base(node.ino, timeout=0)
-    a.st_mode = stat.S_IFREG | (mode & 0o7777)
+    if node.path == "passthrough":
+        a.attr_timeout = TIMEOUT
+    a.st_mode = stat.S_IFREG | (mode & 0o1777)
     a.st_nlink = 1
     a.st_uid, a.st_gid = uid, gid
     a.st_size = size

@@ -31,6 +31,12 @@ from .xattrs import CONTROL, Xattrs, check_xattr_name
 
 log = logging.getLogger(__name__)
 
+# Files never keep setuid/setgid bits (a KV cache holds no programs). That is
+# what lets kvfs tell the kernel it handles "kill privileges on write"
+# (HANDLE_KILLPRIV_V2), so the kernel stops asking for security.capability
+# before every write: with passthrough, the write path's only trip here.
+FILE_MODE_BITS = 0o1777
+
 
 def _times_or_owner(fields) -> bool:
     return bool(
@@ -62,6 +68,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         # asks pyfuse3 (patched) for FUSE passthrough at init
         self.enable_passthrough = passthrough
+        self.handle_killpriv_v2 = True
         self.ns = ns
         self.kernel = kernel or Kernel()
         self.control_fn = control_fn
@@ -247,7 +254,7 @@ class Operations(pyfuse3.Operations):
             if fields.update_mtime:
                 p.mtime_ns = attr.st_mtime_ns
             if fields.update_mode:
-                p.mode = stat.S_IFREG | (attr.st_mode & 0o7777)
+                p.mode = stat.S_IFREG | (attr.st_mode & FILE_MODE_BITS)
             if fields.update_uid:
                 p.uid = attr.st_uid
             if fields.update_gid:
@@ -267,7 +274,7 @@ class Operations(pyfuse3.Operations):
                 # as set; touch -a extends life like a read does
                 e.atime_ns = attr.st_atime_ns
             if fields.update_mode:
-                e.mode = stat.S_IFREG | (attr.st_mode & 0o7777)
+                e.mode = stat.S_IFREG | (attr.st_mode & FILE_MODE_BITS)
             if fields.update_uid:
                 e.uid = attr.st_uid
             if fields.update_gid:
@@ -457,7 +464,7 @@ class Operations(pyfuse3.Operations):
                 w.pending = await self.ns.new_pending(
                     parent.session,
                     fname,
-                    mode=stat.S_IFREG | (mode & 0o7777),
+                    mode=stat.S_IFREG | (mode & FILE_MODE_BITS),
                     uid=ctx.uid,
                     gid=ctx.gid,
                     xattrs=base.xattrs if base else None,
