@@ -316,3 +316,53 @@ def test_killed_daemon_with_private_etcd_remounts(make_mount):
     m.mount()
     assert (m.path / "s" / "f").read_bytes() == b"kept"
     assert "a killed daemon left behind" in m.log()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_open_read_handles_cost_no_block_of_memory_each(make_mount):
+    # issue 9.11: 300 open files once took the daemon from 57 to 358 MiB
+    m = make_mount("--no-passthrough")  # the daemon serves (and checks) reads
+    (m.path / "s").mkdir()
+    for i in range(10):
+        (m.path / "s" / f"f{i}").write_bytes(os.urandom(3 << 20))
+    pid = m.status()["pid"]
+    _drop_caches()
+    before = _rss_kib(pid)
+    fds = [os.open(m.path / "s" / f"f{i % 10}", os.O_RDONLY) for i in range(300)]
+    try:
+        for i, fd in enumerate(fds):
+            assert len(os.pread(fd, 100_000, (i % 3) << 20)) == 100_000
+        grown = (_rss_kib(pid) - before) // 1024
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert grown < 80, f"the daemon grew {grown} MiB for 300 open files"
+
+
+def test_many_small_xattrs_keep_the_limit_exactly_and_the_daemon_up(make_mount):
+    # issue 9.7: ~165 small xattrs overflowed a 4 KiB header: EIO, yet stored,
+    # and the next touch-on-read killed the daemon
+    m = make_mount("--touch-interval", "0.2")
+    (m.path / "s").mkdir()
+    f = m.path / "s" / "f"
+    f.write_bytes(b"data")
+    for i in range(170):
+        os.setxattr(f, f"user.x{i:03d}", b"vvv")  # 9 + 3 bytes each: 2040 in all
+    with pytest.raises(OSError) as e:
+        os.setxattr(f, "user.one-too-many", b"v")
+    assert e.value.errno == errno.ENOSPC
+    names = [n for n in os.listxattr(f) if not n.startswith("user.kvfs.")]
+    assert len(names) == 170 and "user.one-too-many" not in names  # all or nothing
+    time.sleep(0.5)  # the point: let the touch interval pass before the next reads
+    for _ in range(3):
+        assert f.read_bytes() == b"data"
+        time.sleep(0.3)
+    assert os.getxattr(f, "user.x169") == b"vvv"
+    assert m.status()["pid"]  # the daemon answers

@@ -22,7 +22,6 @@ class Handle:
     flushed: bool = False  # close(2) was called on some descriptor of it
     released: trio.Event = field(default_factory=trio.Event)
     sums: list | None = None  # the version's block CRC32Cs, decoded on first read
-    block: tuple | None = None  # (index, bytes) of the last verified block
 
 
 class HandleTable:
