@@ -437,6 +437,7 @@ class Namespace:
                 name=p.name,
                 size=p.size,
                 mtime_ns=p.mtime_ns or now,
+                atime_ns=p.atime_ns,
                 ctime_ns=now,
                 object=p.key,
                 version=p.version,

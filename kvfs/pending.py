@@ -52,6 +52,7 @@ class PendingFile:
         self.capacity = capacity
         self.max_size = max_size
         self.mtime_ns: int | None = None  # set by utimens before the commit
+        self.atime_ns = 0
         self.version, self.key = new_object_key()
         self.writer = store.writer(self.key)
         self.crc = BlockSums()

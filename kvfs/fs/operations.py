@@ -38,6 +38,21 @@ log = logging.getLogger(__name__)
 FILE_MODE_BITS = 0o1777
 
 
+def _apply_setattr(target, attr, fields) -> None:
+    """Times, mode and owner from a setattr onto an Entry or a PendingFile."""
+    if fields.update_mtime:
+        target.mtime_ns = attr.st_mtime_ns
+    if fields.update_atime:
+        # as set; touch -a extends life like a read does
+        target.atime_ns = attr.st_atime_ns
+    if fields.update_mode:
+        target.mode = stat.S_IFREG | (attr.st_mode & FILE_MODE_BITS)
+    if fields.update_uid:
+        target.uid = attr.st_uid
+    if fields.update_gid:
+        target.gid = attr.st_gid
+
+
 def _times_or_owner(fields) -> bool:
     return bool(
         fields.update_mtime
@@ -251,14 +266,7 @@ class Operations(pyfuse3.Operations):
         p = node.pending
         if p is not None and await self.ns.call_io(lambda: p.dirty):
             # a version being written: its metadata commits with it
-            if fields.update_mtime:
-                p.mtime_ns = attr.st_mtime_ns
-            if fields.update_mode:
-                p.mode = stat.S_IFREG | (attr.st_mode & FILE_MODE_BITS)
-            if fields.update_uid:
-                p.uid = attr.st_uid
-            if fields.update_gid:
-                p.gid = attr.st_gid
+            _apply_setattr(p, attr, fields)
             return
         # nothing being written (touch opens for writing and changes nothing),
         # or the version was committed at its close already (rsync sets times
@@ -267,20 +275,7 @@ class Operations(pyfuse3.Operations):
             node.entry = await self._update_meta(node.session, node.name, attr, fields)
 
     async def _update_meta(self, session, name, attr, fields) -> Entry:
-        def mutate(e: Entry):
-            if fields.update_mtime:
-                e.mtime_ns = attr.st_mtime_ns
-            if fields.update_atime:
-                # as set; touch -a extends life like a read does
-                e.atime_ns = attr.st_atime_ns
-            if fields.update_mode:
-                e.mode = stat.S_IFREG | (attr.st_mode & FILE_MODE_BITS)
-            if fields.update_uid:
-                e.uid = attr.st_uid
-            if fields.update_gid:
-                e.gid = attr.st_gid
-
-        new = await self.ns.update_entry(session, name, mutate)
+        new = await self.ns.update_entry(session, name, lambda e: _apply_setattr(e, attr, fields))
         self.inodes.version(new)
         return new
 

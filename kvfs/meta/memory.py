@@ -67,28 +67,24 @@ class MemoryMeta(Meta):
         with self._lock:
             if info.name in self._sessions:
                 raise Exists(f"session {info.name} exists")
-            rev = self._bump()
-            raw = info.to_json()
-            self._sessions[info.name] = (raw, rev)
-            events = [WatchEvent("session", info.name, None, raw, rev)]
-            self._touch_session(info.name, info.mtime_ns, rev, events)
-            info.rev = rev
-            self._emit(events)
-            return info
+            return self._put_session(info)
 
     def update_session(self, info: SessionInfo) -> SessionInfo:
         with self._lock:
             hit = self._sessions.get(info.name)
             if hit is None or hit[1] != info.rev:
                 raise Conflict(f"session {info.name} changed")
-            rev = self._bump()
-            raw = info.to_json()
-            self._sessions[info.name] = (raw, rev)
-            events = [WatchEvent("session", info.name, None, raw, rev)]
-            self._touch_session(info.name, info.mtime_ns, rev, events)
-            info.rev = rev
-            self._emit(events)
-            return info
+            return self._put_session(info)
+
+    def _put_session(self, info: SessionInfo) -> SessionInfo:
+        rev = self._bump()
+        raw = info.to_json()
+        self._sessions[info.name] = (raw, rev)
+        events = [WatchEvent("session", info.name, None, raw, rev)]
+        self._touch_session(info.name, info.mtime_ns, rev, events)
+        info.rev = rev
+        self._emit(events)
+        return info
 
     def delete_session(self, name: str) -> None:
         with self._lock:
