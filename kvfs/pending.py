@@ -22,6 +22,7 @@ from .objects import (
 from .store import Store
 
 COPY_CHUNK = 8 << 20
+FALLOC_FL_KEEP_SIZE = 1
 # threads for a commit's checksum pass over a file the kernel wrote
 CHECKSUM_THREADS = min(8, os.cpu_count() or 1)
 
@@ -163,6 +164,25 @@ class PendingFile:
             self._size = end
         self._dirty = True
         return n
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2): mode 0 (may grow the file) and FALLOC_FL_KEEP_SIZE only."""
+        if mode not in (0, FALLOC_FL_KEEP_SIZE):
+            # punching or zeroing would need the running checksum redone:
+            # POSIX lets a file system refuse (posix_fallocate falls back)
+            raise KvfsError("only fallocate modes 0 and KEEP_SIZE", errno.EOPNOTSUPP)
+        end = offset + length
+        if mode == 0:
+            self._check_room(end)
+        try:
+            self.writer.fallocate(mode, offset, length)
+        except OSError as exc:
+            raise KvfsError(f"fallocate: {exc.strerror}", exc.errno) from None
+        if mode == 0 and end > self._size:
+            # zeros past the old end: the commit sums the file (skipping holes)
+            self.crc.valid = False
+            self._size = end
+            self._dirty = True
 
     def read(self, size: int, offset: int) -> bytes:
         size = max(0, min(size, self.size - offset))

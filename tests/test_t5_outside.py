@@ -31,11 +31,6 @@ MAXLEN = 256 * KIB
 OLD_NS = 1577836800 * 10**9 + 123456789
 
 
-def issue10(why: str):
-    # strict: once kvfs is fixed the test turns red and the marker must go
-    return pytest.mark.xfail(strict=True, reason=f"issue 10: {why}")
-
-
 def load_kvfsx():
     spec = importlib.util.spec_from_file_location("kvfsx", KVFSX)
     mod = importlib.util.module_from_spec(spec)
@@ -444,14 +439,21 @@ def fallocate_modes(d: Path):
         assert os.fstat(fd).st_size == 64 * KIB
         kvfsx.fallocate(fd, kvfsx.FALLOC_FL_KEEP_SIZE, 0, MIB)
         assert os.fstat(fd).st_size == 64 * KIB
+        # punching holes is refused, as POSIX allows (see the README)
+        try:
+            kvfsx.fallocate(fd, 0x3, 0, 4096)  # PUNCH_HOLE | KEEP_SIZE
+            raise AssertionError("punch hole accepted")
+        except OSError as e:
+            assert e.errno == errno.EOPNOTSUPP, e
     finally:
         os.close(fd)
     assert f.read_bytes() == b"abc" + bytes(64 * KIB - 3)
 
 
-@issue10("fallocate (mode 0 and KEEP_SIZE) is EOPNOTSUPP")
-def test_fallocate(kvfs_mount):
-    bounded(fallocate_modes, kvfs_mount.path / "s")
+@pytest.mark.parametrize("flag", [None, "--no-passthrough"])
+def test_fallocate(make_mount, flag):
+    m = make_mount(*([flag] if flag else []))
+    bounded(fallocate_modes, m.path / "s")
 
 
 def utimes_stick(d: Path):

@@ -496,6 +496,15 @@ class Operations(pyfuse3.Operations):
         return await self.ns.call_io(node.pending.write, buf, off)
 
     @fuse_operation
+    async def fallocate(self, fh, mode, offset, length):
+        h = self.handles.get(fh)
+        if h is None or not h.writable:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        node = h.node
+        await self.writes.ensure_pending(node)
+        await self.ns.call_io(node.pending.fallocate, mode, offset, length)
+
+    @fuse_operation
     async def flush(self, fh):
         h = self.handles.get(fh)
         if h is not None:

@@ -6,6 +6,7 @@ read with ranged gets. kvfs decides the keys and the object layout; a store
 only moves bytes.
 """
 
+import errno
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,6 +42,13 @@ class StoreWriter(ABC):
     @abstractmethod
     def commit(self) -> None:
         """Make the object durable and visible under its key."""
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        """fallocate(2) on the staged object: mode 0 or FALLOC_FL_KEEP_SIZE.
+
+        Raises OSError(EOPNOTSUPP) where the store cannot.
+        """
+        raise OSError(errno.EOPNOTSUPP, "fallocate is not supported by this store")
 
     def fileno(self) -> int | None:
         """A descriptor of the staged file the kernel may write directly (FUSE

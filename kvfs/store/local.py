@@ -1,5 +1,7 @@
 """The `local` store: objects as files in a directory (local disk, tmpfs, NFS)."""
 
+import ctypes
+import ctypes.util
 import errno
 import os
 import uuid
@@ -7,6 +9,9 @@ from collections.abc import Iterator
 
 from ..errors import KvfsError, NoSpace, NotFound, StoreError
 from .base import ObjectStat, Store, StoreReader, StoreWriter, Usage
+
+# fallocate(2) with its mode (os.posix_fallocate has none)
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def _oserror(exc: OSError, what: str):
@@ -68,6 +73,11 @@ class LocalWriter(StoreWriter):
 
     def fileno(self) -> int:
         return self._fd
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        if _libc.fallocate(self._fd, mode, ctypes.c_long(offset), ctypes.c_long(length)) != 0:
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
 
     def data_ranges(self, size: int):
         """(start, end) extents holding data, from SEEK_DATA/SEEK_HOLE."""

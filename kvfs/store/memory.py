@@ -33,6 +33,11 @@ class MemoryWriter(StoreWriter):
     def size(self) -> int:
         return len(self._buf)
 
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        # RAM has nothing to reserve; mode 0 grows the file
+        if mode == 0 and offset + length > len(self._buf):
+            self._buf.extend(b"\0" * (offset + length - len(self._buf)))
+
     def commit(self) -> None:
         with self._store._lock:
             self._store._objects[self._key] = (bytes(self._buf), time.time())
