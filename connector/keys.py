@@ -16,10 +16,12 @@ import re
 from array import array
 from dataclasses import dataclass, field
 
+from kvfs.errors import InvalidName
+from kvfs.names import check_name
+
 # Bumped when the file format or the key derivation changes, so old files miss.
 FORMAT = "kvfs-kv/1"
 KEY_HEX = 32  # 128 bits of the key in a file name: collisions are not a concern.
-MAX_NAME = 255
 
 
 def _h(*parts: bytes) -> bytes:
@@ -141,9 +143,11 @@ def derived_session(model: str, first_link: bytes) -> str:
 
 
 def valid_session(name: object) -> bool:
-    """A name kvfs accepts as a session directory."""
-    if not isinstance(name, str) or name in ("", ".", ".."):
+    """A name kvfs accepts as a session directory: kvfs's own rule, not a copy."""
+    if not isinstance(name, str):
         return False
-    if "/" in name or "\0" in name:
+    try:
+        check_name(name.encode("utf-8"))  # strict: kvfs refuses names that are not UTF-8
+    except (InvalidName, UnicodeEncodeError):
         return False
-    return len(name.encode("utf-8", "surrogateescape")) <= MAX_NAME
+    return True
