@@ -30,6 +30,16 @@ def store_objects(m):
     return {str(p.relative_to(m.store / "objects")) for p in (m.store / "objects").rglob("*.kvd")}
 
 
+def lose_etcd_data(m, etcd) -> None:
+    """etcd's data for this filesystem is lost (its key prefix deleted)."""
+    subprocess.run(
+        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "ETCDCTL_API": "3"},
+    )
+
+
 def test_sigkill_mid_writes_loses_nothing_committed(make_mount, tmp_path):
     m = make_mount()
     journal = tmp_path / "journal"
@@ -85,13 +95,7 @@ def test_recover_rebuilds_metadata_from_the_store(make_mount, etcd):
             st = os.stat(p)
             tree[f"{s}/{name}"] = (p.read_bytes(), st.st_mtime_ns, os.getxattr(p, "user.model"))
     m.umount()
-    # etcd's data for this filesystem is lost
-    subprocess.run(
-        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "ETCDCTL_API": "3"},
-    )
+    lose_etcd_data(m, etcd)
     m.mount()
     assert os.listdir(m.path) == []
     out = subprocess.run(
@@ -150,12 +154,7 @@ def test_recover_after_etcd_loss_knows_renames_and_deletes(make_mount, etcd):
     os.unlink(m.path / "s" / "gone")
     os.rename(m.path / "s" / "moved", m.path / "s" / "there")
     m.umount()
-    subprocess.run(
-        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "ETCDCTL_API": "3"},
-    )
+    lose_etcd_data(m, etcd)
     m.mount()
     subprocess.run(KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True)
     assert os.listdir(m.path / "s") == ["there"]
