@@ -62,6 +62,11 @@ def _mount_args(p: argparse.ArgumentParser) -> None:
         "--scrub-interval", help="seconds between background scrubs (default 86400; 0 = never)"
     )
     p.add_argument("--scrub-rate", help="bytes/s a background scrub reads (default 64M)")
+    p.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus /metrics there (a bare PORT: on 127.0.0.1; default off)",
+    )
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true", help="let other users use the mount")
     p.add_argument("--debug", action="store_true", help="log every decision")
@@ -92,6 +97,7 @@ def _config_from(args):
         "verify_reads": True if args.verify_reads else None,
         "scrub_interval": args.scrub_interval,
         "scrub_rate": args.scrub_rate,
+        "metrics": args.metrics,
         "debug": True if args.debug else None,
     }
     return load_config(args.config, overrides=over)
@@ -181,6 +187,17 @@ def cmd_status(args) -> int:
         f"removed   {c['deletes']} deletes, {c['expiries']} expired, "
         f"{c['evictions']} evicted, {c['corrupt']} corrupt reads"
     )
+    ss = st.get("sessions")  # absent from an older daemon's status
+    if ss:
+        shown = len(ss["largest"])
+        print(f"sessions  {ss['count']} with files; the {shown} largest:")
+        width = max(len(s["session"]) for s in ss["largest"]) if shown else 0
+        for s in ss["largest"]:
+            used = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(s["last_use"]))
+            print(
+                f"          {s['session']:{width}}  {s['files']} files, {_h(s['bytes'])}, "
+                f"last use {used}"
+            )
     for level in ("session", "layer", "recent"):
         lv = st["cache"][level]
         print(f"cache     {level:8} {lv['hits']} hits, {lv['misses']} misses")

@@ -50,6 +50,8 @@ class Config:
     enable_ssd_caching: bool = False
     ssd_cache_dir: str | None = None
     enable_prefetch: bool = False
+    # HOST:PORT (or a bare PORT, on loopback) serving Prometheus /metrics; None: off
+    metrics: str | None = None
     debug: bool = False
 
     def touch_every(self) -> float:
@@ -108,6 +110,18 @@ def _coerce(name: str, value, where: str):
             if v < 0:
                 raise ValueError("must not be negative")
             return v
+        if name == "metrics" and value is not None:
+            from .metrics import parse_address
+
+            # a JSON number is a bare port
+            value = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+            if not isinstance(value, str):
+                raise ValueError("expected HOST:PORT or PORT")
+            try:
+                parse_address(value)
+            except KvfsError:
+                raise ValueError("expected HOST:PORT or PORT") from None
+            return value
         if value is not None and not isinstance(value, str):
             raise ValueError("expected a string")
         return value

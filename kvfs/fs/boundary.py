@@ -33,8 +33,13 @@ class OpStats:
     def __init__(self):
         self.time = defaultdict(lambda: [0, 0.0, 0.0])
         self.errors: dict[str, Counter] = defaultdict(Counter)
+        # (op, seconds) -> None, e.g. the `--metrics` latency histogram: means
+        # and peaks give no quantiles
+        self.observe = None
 
     def record(self, op: str, seconds: float, err: int | None) -> None:
+        if self.observe is not None:
+            self.observe(op, seconds)
         s = self.time[op]
         s[0] += 1
         s[1] += seconds

@@ -1,0 +1,199 @@
+"""`kvfs mount --metrics`: Prometheus scrapes of a real mount, over real HTTP."""
+
+import json
+import os
+import socket
+import subprocess
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from kvfs.config import load_config
+from kvfs.errors import KvfsError
+from kvfs.metrics import parse_address, session_usage
+
+from kvfstest import KVFS, free_port, wait_for
+
+
+def scrape(port: int, host: str = "127.0.0.1") -> dict:
+    """GET /metrics -> {(sample name, sorted labels): value}."""
+    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as r:
+        assert r.status == 200
+        assert r.headers["Content-Type"].startswith("text/plain")
+        text = r.read().decode()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def histogram_count(samples: dict, op: str) -> float:
+    return value(samples, "kvfs_fuse_operation_seconds_count", operation=op)
+
+
+def listening(port: int) -> list[str]:
+    """Local addresses (hex, as /proc/net/tcp* writes them) listening on PORT."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = open(table).read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            local, state = line.split()[1], line.split()[3]
+            addr, p = local.split(":")
+            if state == "0A" and int(p, 16) == port:
+                found.append(addr)
+    return found
+
+
+def test_scrape_follows_file_operations(make_mount):
+    port = free_port()
+    m = make_mount("--metrics", f"127.0.0.1:{port}")
+    before = scrape(port)
+    assert value(before, "kvfs_up") == 1
+    st = m.status()
+    path = "passthrough" if st["passthrough"] == "on" else "daemon"
+
+    data = os.urandom(3 << 20)
+    (m.path / "chat-7").mkdir()
+    (m.path / "chat-7" / "layer0").write_bytes(data)
+    (m.path / "chat-7" / "layer1").write_bytes(data[:1000])
+    assert (m.path / "chat-7" / "layer0").read_bytes() == data
+    after = scrape(port)
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("kvfs_commits_total") == 2
+    assert moved("kvfs_files_written_total") == 2
+    assert moved("kvfs_written_bytes_total") == len(data) + 1000
+    assert moved("kvfs_opens_total", path=path) >= 1
+    # every request is timed: the writes' creates and the read's open at least
+    assert histogram_count(after, "create") - histogram_count(before, "create") >= 2
+    assert histogram_count(after, "open") - histogram_count(before, "open") >= 1
+    assert value(after, "kvfs_fuse_operation_seconds_bucket", operation="create", le="+Inf") >= 2
+    assert value(after, "kvfs_store_used_bytes", store=st["store"]["url"]) == len(data) + 1000
+    assert value(after, "kvfs_store_files", store=st["store"]["url"]) == 2
+    assert value(after, "kvfs_session_files", session="chat-7") == 2
+    assert value(after, "kvfs_session_bytes", session="chat-7") == len(data) + 1000
+    assert value(after, "kvfs_sessions") == 1
+
+    # errors are counted per operation and errno
+    with pytest.raises(OSError, match="not empty"):
+        os.rmdir(m.path / "chat-7")
+    errs = scrape(port)
+    assert value(errs, "kvfs_fuse_errors_total", operation="rmdir", errno="ENOTEMPTY") == 1
+
+    # the same numbers as `kvfs status --json`, which also lists the largest sessions
+    st = m.status()
+    assert value(errs, "kvfs_commits_total") == st["counters"]["commits"]
+    assert value(errs, "kvfs_written_bytes_total") == st["counters"]["bytes_written"]
+    for ep in st["etcd"]["endpoints"]:
+        assert value(errs, "kvfs_etcd_endpoint_healthy", endpoint=ep["endpoint"]) in (0, 1)
+    assert value(errs, "kvfs_etcd_watch_up") == 1
+    assert st["sessions"]["count"] == 1
+    [top] = st["sessions"]["largest"]
+    assert (top["session"], top["files"], top["bytes"]) == ("chat-7", 2, len(data) + 1000)
+
+    text = subprocess.run(
+        KVFS + ["status", str(m.path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "chat-7" in text and "2 files" in text
+
+    # the server goes with the mount
+    m.umount()
+    with pytest.raises(urllib.error.URLError):
+        scrape(port)
+    assert listening(port) == []
+
+
+def test_config_key_and_bare_port_serve_on_loopback_only(make_mount, tmp_path):
+    port = free_port()
+    conf = tmp_path / "kvfs.json"
+    conf.write_text(json.dumps({"metrics": port}))  # a JSON number: a bare port
+    make_mount("--config", str(conf))
+    assert value(scrape(port), "kvfs_up") == 1
+    # 127.0.0.1 only, never the wildcard address
+    assert listening(port) == ["0100007F"]
+
+
+def test_bad_metrics_address_fails_the_mount(make_mount):
+    with pytest.raises(AssertionError, match="bad value 'nonsense' for 'metrics'"):
+        make_mount("--metrics", "nonsense")
+    # an address of no interface here (TEST-NET-1)
+    with pytest.raises(AssertionError, match=r"metrics: cannot serve on 192\.0\.2\.1:"):
+        make_mount("--metrics", "192.0.2.1:9")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        taken = busy.getsockname()[1]
+        with pytest.raises(AssertionError, match="Address already in use"):
+            make_mount("--metrics", f"127.0.0.1:{taken}")
+
+
+def test_scrapes_never_stall_the_mount(make_mount):
+    """Scrapes run beside the loop: many at once, while files are written."""
+    import threading
+
+    port = free_port()
+    m = make_mount("--metrics", str(port))
+    (m.path / "s").mkdir()
+    stop = threading.Event()
+    failures = []
+
+    def scraper():
+        while not stop.is_set():
+            try:
+                assert value(scrape(port), "kvfs_up") == 1
+            except Exception as exc:
+                failures.append(exc)
+                return
+
+    threads = [threading.Thread(target=scraper) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(30):
+            (m.path / "s" / f"f{i}").write_bytes(b"x" * 4096)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not failures, failures
+    assert wait_for(lambda: value(scrape(port), "kvfs_commits_total") == 30, what="30 commits")
+
+
+def test_parse_address():
+    assert parse_address("9100") == ("127.0.0.1", 9100)
+    assert parse_address("0.0.0.0:9100") == ("0.0.0.0", 9100)
+    assert parse_address("[::1]:9100") == ("::1", 9100)
+    for bad in ("", ":9100", "host:", "host:0", "host:70000", "host:x"):
+        with pytest.raises(KvfsError):
+            parse_address(bad)
+    assert load_config(None, env={"KVFS_METRICS": "10.0.0.5:9100"}).metrics == "10.0.0.5:9100"
+    with pytest.raises(KvfsError, match="KVFS_METRICS: bad value"):
+        load_config(None, env={"KVFS_METRICS": "x:y"})
+    assert load_config(None, env={}).metrics is None
+
+
+def test_session_usage_ranks_by_bytes():
+    index = {
+        ("a", "l0"): (10, 5_000_000_000),
+        ("a", "l1"): (10, 7_000_000_000),
+        ("b", "l0"): (100, 1_000_000_000),
+        ("c", "l0"): (1, 2_000_000_000),
+    }
+    u = session_usage(index, top=2)
+    assert u["count"] == 3
+    assert u["largest"] == [
+        {"session": "b", "files": 1, "bytes": 100, "last_use": 1.0},
+        {"session": "a", "files": 2, "bytes": 20, "last_use": 7.0},
+    ]
