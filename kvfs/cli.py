@@ -67,6 +67,18 @@ def _mount_args(p: argparse.ArgumentParser) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus /metrics there (a bare PORT: on 127.0.0.1; default off)",
     )
+    p.add_argument(
+        "--ssd-cache",
+        metavar="DIR",
+        help="a local cache directory in front of a remote store (enable_ssd_caching)",
+    )
+    p.add_argument("--ssd-cache-size", help="bytes the SSD cache holds (K/M/G; default 16G)")
+    p.add_argument(
+        "--prefetch",
+        action="store_true",
+        help="reading a layer fetches the session's next ones into the SSD cache",
+    )
+    p.add_argument("--prefetch-layers", help="how many layers ahead --prefetch fetches (4)")
     p.add_argument("--foreground", "-f", action="store_true", help="stay in the foreground")
     p.add_argument("--allow-other", action="store_true", help="let other users use the mount")
     p.add_argument("--debug", action="store_true", help="log every decision")
@@ -98,6 +110,11 @@ def _config_from(args):
         "scrub_interval": args.scrub_interval,
         "scrub_rate": args.scrub_rate,
         "metrics": args.metrics,
+        "enable_ssd_caching": True if args.ssd_cache else None,
+        "ssd_cache_dir": args.ssd_cache,
+        "ssd_cache_size": args.ssd_cache_size,
+        "enable_prefetch": True if args.prefetch else None,
+        "prefetch_layers": args.prefetch_layers,
         "debug": True if args.debug else None,
     }
     return load_config(args.config, overrides=over)

@@ -47,9 +47,14 @@ class Config:
     cache_layers: int = 65536
     cache_recent: int = 1024
     durable: bool = True
+    # the SSD cache: a bounded local directory in front of a remote store
+    # (kvfs/store/cached.py); its default directory is STATE_DIR/ssd-cache
     enable_ssd_caching: bool = False
     ssd_cache_dir: str | None = None
+    ssd_cache_size: int = 16 << 30
+    # reading a layer fetches the session's next PREFETCH_LAYERS into the cache
     enable_prefetch: bool = False
+    prefetch_layers: int = 4
     # HOST:PORT (or a bare PORT, on loopback) serving Prometheus /metrics; None: off
     metrics: str | None = None
     debug: bool = False
@@ -105,7 +110,7 @@ def _coerce(name: str, value, where: str):
         if t.startswith("int"):
             if value is None:
                 return None
-            sized = ("capacity", "max_file_size", "scrub_rate")
+            sized = ("capacity", "max_file_size", "scrub_rate", "ssd_cache_size")
             v = parse_size(value) if name in sized else int(value)
             if v < 0:
                 raise ValueError("must not be negative")
@@ -202,16 +207,17 @@ def load_config(path: str | None, env=None, overrides: dict | None = None) -> Co
 
 
 def refuse_unbuilt(cfg: Config, where: str) -> None:
-    """A setting that is accepted must work: refuse the ones this version cannot honour."""
-    if cfg.enable_ssd_caching:
+    """A setting that is accepted must work: refuse combinations that cannot."""
+    if cfg.enable_prefetch and not cfg.enable_ssd_caching:
         raise KvfsError(
-            f"{where}: enable_ssd_caching: the SSD cache fronts a remote store (Crail), which "
-            "this version does not have; local stores are read from their own disk. "
-            "Remove the key or set it to false."
+            f"{where}: enable_prefetch fetches the following layers into the SSD cache: "
+            "set enable_ssd_caching (--ssd-cache DIR) too, or remove enable_prefetch"
         )
-    if cfg.enable_prefetch:
-        raise KvfsError(
-            f"{where}: enable_prefetch: prefetching into an SSD cache is not built yet; the "
-            "kernel's read-ahead (read_ahead_kb) prefetches within a file. "
-            "Remove the key or set it to false."
-        )
+    if cfg.enable_ssd_caching and cfg.ssd_cache_size == 0:
+        raise KvfsError(f"{where}: ssd_cache_size 0 holds nothing; give a size (e.g. 64G)")
+    if cfg.enable_prefetch and cfg.prefetch_layers == 0:
+        raise KvfsError(f"{where}: prefetch_layers 0 fetches nothing; give 1 or more")
+
+
+def ssd_cache_dir(cfg: Config) -> str:
+    return cfg.ssd_cache_dir or os.path.join(cfg.state_dir, "ssd-cache")

@@ -26,7 +26,7 @@ import pyfuse3
 import trio
 
 from . import __version__, metrics
-from .config import Config
+from .config import Config, ssd_cache_dir
 from .errors import Conflict, KvfsError, MetaUnavailable
 from .etcd_server import PrivateEtcd
 from .fs import ROOT, Kernel, Operations
@@ -35,6 +35,8 @@ from .metacache import MetaCache
 from .namespace import Namespace
 from .objects import HEADER_SUFFIX, data_key
 from .store import open_store
+from .store.cached import CachedStore, cache_in_front
+from .store.prefetch import Prefetcher
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,7 @@ class Daemon:
         self.last_gc: float | None = None
         self.watch_state = "starting"
         self.usage = None
+        self.prefetcher: Prefetcher | None = None
 
     # -- setup -----------------------------------------------------------------------
 
@@ -84,6 +87,11 @@ class Daemon:
             functools.partial(open_store, cfg.store_spec(), node=self.node, durable=cfg.durable)
         )
         stack.callback(self.store.close)
+        if cfg.enable_ssd_caching:
+            self.store = await run(
+                cache_in_front, self.store, ssd_cache_dir(cfg), cfg.ssd_cache_size, self.node
+            )
+            stack.callback(self.store.close)  # its prefetch threads, before the store goes
         endpoints = list(cfg.etcd)
         if not endpoints:
             root = getattr(self.store, "root", None) or os.path.join(cfg.state_dir, "store")
@@ -173,6 +181,16 @@ class Daemon:
                 "watch": self.watch_state,
                 **self.meta.statistics(),
             },
+            # the SSD cache in front of the store (None: none); last_error says
+            # why the remote store last failed a fill
+            "ssd_cache": (
+                {
+                    **self.store.statistics(),
+                    "prefetch": self.prefetcher.statistics() if self.prefetcher else None,
+                }
+                if isinstance(self.store, CachedStore)
+                else None
+            ),
             "scrub": {
                 **ns.scrub_state,
                 "interval_s": self.cfg.scrub_interval,
@@ -466,6 +484,9 @@ class Daemon:
         )
         if exporter is not None:
             ops.op_stats.observe = exporter.latency.observe
+        if cfg.enable_prefetch:
+            self.prefetcher = Prefetcher(ns, self.store, cfg.prefetch_layers)
+            ops.reads.on_open = self.prefetcher.opened
         opts = set(pyfuse3.default_options)
         opts |= {"fsname=kvfs", "subtype=kvfs"}
         if cfg.allow_other:
@@ -476,6 +497,8 @@ class Daemon:
         await nursery.start(ns.run_later)
         await nursery.start(kernel.run)
         await nursery.start(ops.toucher.run)
+        if self.prefetcher is not None:
+            await nursery.start(self.prefetcher.run)
         await nursery.start(self.run_watch)
         await nursery.start(self.run_collector)
         await nursery.start(self.run_scrubber)

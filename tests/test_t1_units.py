@@ -8,7 +8,7 @@ import pytest
 from safetensors import safe_open
 from safetensors.numpy import load
 
-from kvfs.config import Config, load_config
+from kvfs.config import Config, load_config, ssd_cache_dir
 from kvfs.errors import InvalidName, KvfsError
 from kvfs.metacache import MetaCache
 from kvfs.names import check_name
@@ -147,14 +147,22 @@ def test_config_original_keys(tmp_path):
     assert (cfg.ttl, cfg.cleanup_interval) == (30, 5)
 
 
-@pytest.mark.parametrize("key", ["enable_ssd_caching", "enable_prefetch"])
-def test_config_refuses_what_it_cannot_honour(tmp_path, key):
-    # accepted and ignored would be worse than refused
+def test_config_ssd_cache_and_prefetch(tmp_path):
     p = tmp_path / "config.json"
-    p.write_text(json.dumps({"kv_transfer_config": {key: True}}))
+    tc = {"enable_ssd_caching": True, "ssd_cache_size": "2G", "enable_prefetch": True}
+    p.write_text(json.dumps({"kv_transfer_config": tc}))
+    cfg = load_config(str(p), env={})
+    assert (cfg.enable_ssd_caching, cfg.ssd_cache_size, cfg.enable_prefetch) == (
+        True,
+        2 << 30,
+        True,
+    )
+    assert ssd_cache_dir(cfg) == os.path.join(cfg.state_dir, "ssd-cache")
+    # prefetch fills the SSD cache: without it, accepted and ignored would be worse than refused
+    p.write_text(json.dumps({"kv_transfer_config": {"enable_prefetch": True}}))
     with pytest.raises(KvfsError) as e:
         load_config(str(p), env={})
-    assert key in str(e.value) and "set it to false" in str(e.value)
+    assert "enable_prefetch" in str(e.value) and "enable_ssd_caching" in str(e.value)
 
 
 @pytest.mark.parametrize(

@@ -7,15 +7,22 @@ import pytest
 
 from kvfs.errors import KvfsError, NotFound
 from kvfs.store import open_store, store_class
+from kvfs.store.cached import CachedStore
 from kvfs.store.local import LocalStore
 from kvfs.store.memory import MemoryStore
 
 
-@pytest.fixture(params=["local", "memory"])
+@pytest.fixture(params=["local", "memory", "ssd-cached"])
 def store(request, tmp_path):
     if request.param == "local":
-        return LocalStore(str(tmp_path / "store"), node="n1")
-    return MemoryStore()
+        yield LocalStore(str(tmp_path / "store"), node="n1")
+    elif request.param == "ssd-cached":
+        # the SSD cache in front of a store that is not local files
+        s = CachedStore(MemoryStore(), str(tmp_path / "cache"), 1 << 20, node="n1")
+        yield s
+        s.close()
+    else:
+        yield MemoryStore()
 
 
 def test_put_get_ranges(store):
@@ -153,10 +160,10 @@ def test_third_party_store_registers_by_entry_point(tmp_path):
 
 
 def test_passthrough_descriptors(store):
-    # a store of local files lends the kernel descriptors; others say None
+    # a store of local files (or a cache of them) lends the kernel descriptors; others say None
     w = store.writer("gg/pt.kvd")
     fd = w.fileno()
-    if isinstance(store, LocalStore):
+    if isinstance(store, LocalStore | CachedStore):
         os.pwrite(fd, b"written by the kernel", 0)
         w.commit()
         w.forget_intent()

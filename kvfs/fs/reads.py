@@ -46,6 +46,9 @@ class Reads:
         self.toucher = toucher
         self.verify_reads = verify_reads
         self.blocks = VerifiedBlocks()
+        # (entry) -> None, told of every read open, on the loop; must not block
+        # (the SSD cache's prefetch: kvfs/store/prefetch.py)
+        self.on_open = None
 
     def _handle(self, node: FileNode, entry: Entry, reader=None) -> Handle:
         h = self.handles.new(node, False)
@@ -53,6 +56,8 @@ class Reads:
         h.entry, h.reader = entry, reader
         self.ns.count("files_read")
         self.toucher.note(entry)
+        if self.on_open is not None:
+            self.on_open(entry)
         return h
 
     async def open_version(self, node: VersionNode) -> pyfuse3.FileInfo:
