@@ -215,6 +215,15 @@ def cmd_status(args) -> int:
                 f"          {s['session']:{width}}  {s['files']} files, {_h(s['bytes'])}, "
                 f"last use {used}"
             )
+    sc = st.get("ssd_cache")
+    if sc:
+        print(
+            f"ssd cache {sc['dir']}: {sc['objects']} objects, {_h(sc['used'])} of "
+            f"{_h(sc['capacity'])}; {sc['hits']} hits, {sc['misses']} misses, "
+            f"{sc['prefetched']} prefetched, {sc['evictions']} evicted"
+        )
+        if sc["last_error"]:
+            print(f"          last store error: {sc['last_error']}")
     for level in ("session", "layer", "recent"):
         lv = st["cache"][level]
         print(f"cache     {level:8} {lv['hits']} hits, {lv['misses']} misses")

@@ -8,6 +8,7 @@ kvfs) until it is put back, as a store that stops answering would.
 
 import errno
 import os
+import subprocess
 
 import pytest
 
@@ -15,7 +16,7 @@ from kvfs.errors import StoreError
 from kvfs.store.cached import CachedStore
 from kvfs.store.memory import MemoryStore
 
-from kvfstest import wait_for
+from kvfstest import KVFS, wait_for
 
 MiB = 1 << 20
 
@@ -206,6 +207,10 @@ def test_outage_gives_eio_cached_files_still_read_and_the_mount_recovers(make_mo
         key = obj_key(a.path / "s" / "layer01")
         assert key in ssd(b)["last_error"]
         assert f"cannot fetch {key}" in b.log()
+        text = subprocess.run(
+            KVFS + ["status", str(b.path)], check=True, capture_output=True, text=True
+        ).stdout
+        assert "last store error" in text and key in text
         # a write cannot commit: it fails and leaves etcd as it was
         with pytest.raises(OSError) as e:
             (b.path / "s" / "new").write_bytes(b"lost")
