@@ -241,19 +241,7 @@ class CachedStore(Store):
                     self._evict(size)
                 w = self.local.writer(key)
                 try:
-                    reader = self.inner.reader(key)
-                    try:
-                        buf = bytearray(min(CHUNK, max(size, 1)))
-                        off = 0
-                        while off < size:
-                            view = memoryview(buf)[: min(len(buf), size - off)]
-                            n = reader.readinto(view, off)
-                            if n <= 0:
-                                raise StoreError(f"fill {key}: object shorter than its size")
-                            w.pwrite(view[:n], off)
-                            off += n
-                    finally:
-                        reader.close()
+                    self._copy_in(key, size, w)
                     w.commit()
                     w.forget_intent()
                 except BaseException:
@@ -267,6 +255,38 @@ class CachedStore(Store):
                 with self._lock:
                     if self._filling.get(key) is lock:
                         del self._filling[key]
+
+    def _copy_in(self, key: str, size: int, w) -> None:
+        """KEY's SIZE bytes from the remote store into staged writer W."""
+        src = self.inner.open_fd(key)
+        if src is not None:
+            # the store's objects are files (NFS, CephFS through `local:`): the
+            # kernel copies, no trip through Python buffers
+            try:
+                off = 0
+                while off < size:
+                    n = os.copy_file_range(src, w.fileno(), size - off, off, off)
+                    if n <= 0:
+                        raise StoreError(f"fill {key}: object shorter than its size")
+                    off += n
+            except OSError as exc:
+                raise StoreError(f"fill {key}: {exc}") from exc
+            finally:
+                os.close(src)
+            return
+        reader = self.inner.reader(key)
+        try:
+            buf = bytearray(min(CHUNK, max(size, 1)))
+            off = 0
+            while off < size:
+                view = memoryview(buf)[: min(len(buf), size - off)]
+                n = reader.readinto(view, off)
+                if n <= 0:
+                    raise StoreError(f"fill {key}: object shorter than its size")
+                w.pwrite(view[:n], off)
+                off += n
+        finally:
+            reader.close()
 
     def _open_filled(self, key: str) -> int | None:
         fd = self._open_cached(key)
