@@ -4,26 +4,33 @@ from __future__ import annotations
 
 import threading
 
-# Every counter the connector keeps; all add up across steps and workers.
-FIELDS = (
-    "requests",  # requests looked up in the cache (scheduler)
-    "hit_tokens",  # prompt tokens found in the cache and scheduled for loading
-    "miss_tokens",  # prompt tokens that had to be computed (neither cached nor local)
-    "lookups_deferred",  # lookups that answered vLLM "ask again" while files were checked
-    "loaded_tokens",  # tokens whose KV was read and checked (worker)
-    "loaded_bytes",
-    "load_errors",  # chunk files that failed validation or vanished
-    "load_seconds",  # time from start_load_kv to the last layer loaded
-    "saved_tokens",  # tokens written as new chunk files
-    "saved_bytes",
-    "save_skipped",  # chunks not written because the file already existed
-    "save_dropped",  # chunks not written because the writer was too far behind
-    "save_discarded",  # chunks not written because they were computed on a failed load
-    "save_errors",
-    "save_stall_seconds",  # time the forward pass spent copying KV out for saving
-    "save_write_seconds",  # time the background writer spent writing files
-    "mount_errors",  # lookups, loads and saves refused: the mount path was not a live kvfs
-)
+# Every counter the connector keeps, with what it counts; all add up across
+# steps and workers. vLLM logs them per interval and exports them to Prometheus
+# as vllm:kvfs_<name>_total (vllm_connector.KVFSPromMetrics).
+FIELDS = {
+    "requests": "Requests looked up in the cache (scheduler).",
+    "hits": "Requests that found at least one chunk of their prompt in the cache.",
+    "hit_tokens": "Prompt tokens found in the cache and scheduled for loading.",
+    "revoked_tokens": "Hit tokens recomputed after all, because their chunk failed to load.",
+    "miss_tokens": "Prompt tokens that had to be computed (neither cached nor local).",
+    "lookups_deferred": "Lookups that answered vLLM 'ask again' while files were checked.",
+    "loads": "Steps that loaded chunks (worker).",
+    "loaded_files": "Chunk files read and checked.",
+    "loaded_tokens": "Tokens whose KV was read and checked.",
+    "loaded_bytes": "Bytes of the chunk files loaded.",
+    "load_errors": "Chunk files that failed validation or vanished (failed loads).",
+    "load_seconds": "Time from start_load_kv to the last layer loaded.",
+    "saved_files": "Chunk files written.",
+    "saved_tokens": "Tokens written as new chunk files.",
+    "saved_bytes": "Bytes of the chunk files written.",
+    "save_skipped": "Chunks not written because the file already existed.",
+    "save_dropped": "Chunks not written because the writer was too far behind.",
+    "save_discarded": "Chunks not written because they were computed on a failed load.",
+    "save_errors": "Chunks not written because of an error.",
+    "save_stall_seconds": "Time the forward pass spent copying KV out for saving.",
+    "save_write_seconds": "Time the background writer spent writing files.",
+    "mount_errors": "Lookups, loads and saves refused: the mount path was not a live kvfs.",
+}
 
 
 class Counters:

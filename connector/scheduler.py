@@ -229,6 +229,8 @@ class SchedulerSide:
             st.hit_tokens = num_external_tokens
             st.miss_tokens = max(0, len(st.prompt) - local - num_external_tokens)
             self.stats.add("requests", 1)
+            if st.hit_tokens:
+                self.stats.add("hits", 1)
             self.stats.add("hit_tokens", st.hit_tokens)
             self.stats.add("miss_tokens", st.miss_tokens)
             self.log.info(
@@ -333,6 +335,9 @@ class SchedulerSide:
             st.hit_tokens -= lost
             st.miss_tokens += lost
             self.stats.add("hit_tokens", -lost)
+            # hit_tokens' total stays the tokens that really loaded; this keeps
+            # an interval's Prometheus counter from having to go down
+            self.stats.add("revoked_tokens", lost)
             self.stats.add("miss_tokens", lost)
             st.repair_from = chunk if st.repair_from is None else min(st.repair_from, chunk)
             st.saved_chunks = min(st.saved_chunks, chunk)

@@ -10,10 +10,14 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
     KVConnectorRole,
 )
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
 from vllm.distributed.utils import get_pp_indices
 from vllm.logger import init_logger
 
+from .counters import FIELDS
 from .keys import KeySpace
 from .plan import StepPlan
 from .scheduler import PromptInfo, SchedulerSide
@@ -56,6 +60,38 @@ class KVFSStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return not any(self.data.values())
+
+
+class KVFSPromMetrics(KVConnectorPromMetrics):
+    """The counters as vLLM's own Prometheus metrics, vllm:kvfs_<name>_total,
+    labelled as vLLM labels its engines (model_name, engine).
+
+    vLLM calls `observe` with each interval's KVFSStats data, summed over the
+    workers and the scheduler; a counter only ever goes up, so the interval's
+    hit tokens are counted before revocation (revoked_tokens says how many
+    were recomputed after all).
+    """
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self.counters = {}
+        for name, doc in FIELDS.items():
+            counter = self._counter_cls(
+                name=f"vllm:kvfs_{name}",
+                documentation=f"kvfs connector: {doc}",
+                labelnames=labelnames,
+            )
+            self.counters[name] = {
+                idx: counter.labels(*values) for idx, values in per_engine_labelvalues.items()
+            }
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0) -> None:
+        data = dict(transfer_stats_data)
+        data["hit_tokens"] = data.get("hit_tokens", 0) + data.get("revoked_tokens", 0)
+        for name, value in data.items():
+            per_engine = self.counters.get(name)
+            if per_engine is not None and isinstance(value, int | float) and value > 0:
+                per_engine[engine_idx].inc(value)
 
 
 def vllm_key_space(vllm_config: VllmConfig, settings: Settings, tp_rank: int, pp_rank: int):
@@ -198,6 +234,12 @@ class KVFSConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVFSStats | None:
         return KVFSStats(data) if data is not None else KVFSStats()
+
+    @classmethod
+    def build_prom_metrics(
+        cls, vllm_config, metric_types, labelnames, per_engine_labelvalues
+    ) -> KVFSPromMetrics:
+        return KVFSPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def totals(self) -> dict[str, float]:
         """Counters since this connector started (for tools and tests)."""

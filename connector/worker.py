@@ -156,6 +156,7 @@ class ChunkWriter:
             start = op.index * space.chunk_size
             _label(self._cache.path(op.session, name), space, start, start + len(op.tokens))
         self._stats.add("save_write_seconds", time.perf_counter() - t0)
+        self._stats.add("saved_files", 1)
         self._stats.add("saved_tokens", len(op.tokens))
         self._stats.add("saved_bytes", n)
 
@@ -561,6 +562,7 @@ class _StepLoad:
                 self.drop(i)
             w.all_layers_loaded()
             w.stats.add("load_seconds", time.perf_counter() - t0)
+            w.stats.add("loads", 1)
 
     def open_all(self) -> None:
         for i, op in enumerate(self.ops):
@@ -665,5 +667,6 @@ class _StepLoad:
         for i, f in self.files.items():
             if self.usable(i):
                 op = self.ops[i]
+                w.stats.add("loaded_files", 1)
                 w.stats.add("loaded_tokens", (len(op.block_ids) - op.skip_blocks) * block_tokens)
                 w.stats.add("loaded_bytes", os.fstat(f.fd).st_size)
