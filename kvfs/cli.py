@@ -246,13 +246,46 @@ def _h(n) -> str:
 
 
 def cmd_gc(args) -> int:
+    """Expire idle files now, with a progress bar; say what was removed."""
+    import threading
+
+    from .recovery import Progress
+
     before = read_status(args.mountpoint)["counters"]["expiries"]
-    try:
-        os.setxattr(args.mountpoint, "user.kvfs.control.gc", b"1")
-    except OSError as exc:
-        raise KvfsError(f"gc: {os.strerror(exc.errno)}") from None
-    after = read_status(args.mountpoint)["counters"]["expiries"]
-    print(f"kvfs: expired {after - before} entries")
+    failed = []
+
+    def run():
+        try:
+            os.setxattr(args.mountpoint, "user.kvfs.control.gc", b"1")
+        except OSError as exc:
+            failed.append(exc)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    bar = Progress("kvfs gc", 0)
+    while t.is_alive():
+        t.join(0.2)
+        gc = read_status(args.mountpoint)["expiry"].get("pass", {})
+        if gc.get("running") and gc.get("total"):
+            bar(gc["done"], gc["total"])
+    if failed:
+        raise KvfsError(f"gc: {os.strerror(failed[0].errno)}")
+    st = read_status(args.mountpoint)
+    gc = st["expiry"].get("pass")
+    if not gc or "removed_files" not in gc:  # a daemon from before `pass` existed
+        print(f"kvfs: expired {st['counters']['expiries'] - before} entries")
+        return 0
+    if gc["total"]:
+        bar(gc["done"], gc["total"])
+    print(
+        f"kvfs: expired {gc['removed_files'] + gc['removed_sessions']} entries: "
+        f"{gc['removed_files']} files ({_h(gc['removed_bytes'])}) from "
+        f"{gc['from_sessions']} sessions, and {gc['removed_sessions']} empty sessions"
+    )
+    for s in gc["largest"]:
+        print(f"  {s['session']}: {s['files']} files, {_h(s['bytes'])}")
+    if gc["from_sessions"] > len(gc["largest"]):
+        print(f"  ... and {gc['from_sessions'] - len(gc['largest'])} more sessions")
     return 0
 
 

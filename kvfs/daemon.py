@@ -71,6 +71,8 @@ class Daemon:
         self.health: list = []
         self.started = time.time()
         self.last_gc: float | None = None
+        # the current or last expiry pass: progress, and what it removed
+        self.gc_state: dict = {"running": False, "done": 0, "total": 0}
         self.watch_state = "starting"
         self.usage = None
         self.prefetcher: Prefetcher | None = None
@@ -201,6 +203,7 @@ class Daemon:
                 "cleanup_interval_s": self.cfg.cleanup_interval,
                 "touch_on_read": self.cfg.touch_on_read,
                 "last_gc": self.last_gc,
+                "pass": self.gc_state,
             },
             **({"sessions": metrics.session_usage(ns.index)} if sessions else {}),
         }
@@ -234,7 +237,7 @@ class Daemon:
                 raise Conflict("another node's collector is running; try again")
             return 0
         try:
-            return await ns.expire()
+            return await self._expire_pass()
         finally:
             self.last_gc = time.time()
             with trio.CancelScope(shield=True):
@@ -242,6 +245,39 @@ class Daemon:
                     await ns.call_meta(self.meta.unlock, lease)
                 except KvfsError:
                     pass  # the lease runs out by itself
+
+    async def _expire_pass(self) -> int:
+        """`Namespace.expire`, its progress and what it removed kept in `gc_state`
+        for `kvfs gc` and `kvfs status` (per session: file names would be too many)."""
+        ns = self.ns
+        cutoff = time.time_ns() - int(self.cfg.ttl * 1e9)
+        # what the pass may take: the files idle past the ttl when it starts
+        stale = {k: size for k, (size, last) in ns.index.items() if last < cutoff}
+        state = self.gc_state = {"running": True, "done": 0, "total": 0, "started": time.time()}
+
+        def progress(done: int, total: int) -> None:
+            state["done"], state["total"] = done, total
+
+        n = 0
+        try:
+            n = await ns.expire(progress=progress)
+        finally:
+            gone = {k: (size, 0) for k, size in stale.items() if k not in ns.index}
+            usage = metrics.session_usage(gone)
+            state.update(
+                running=False,
+                finished=time.time(),
+                removed_files=len(gone),
+                removed_bytes=sum(size for size, _ in gone.values()),
+                # expire() counts the empty sessions it removed with the files
+                removed_sessions=max(0, n - len(gone)),
+                from_sessions=usage["count"],
+                largest=[
+                    {"session": u["session"], "files": u["files"], "bytes": u["bytes"]}
+                    for u in usage["largest"]
+                ],
+            )
+        return n
 
     async def scrub(self, force: bool = False) -> int:
         """One scrub pass (see Namespace.scrub), by whichever daemon holds the etcd lock.

@@ -328,6 +328,22 @@ def families(st: dict, sessions: dict):
             expiry["last_gc"],
         )
 
+    gc = expiry.get("pass") or {}
+    yield GaugeMetricFamily(
+        "kvfs_gc_running", "1 while an expiry pass runs.", value=1 if gc.get("running") else 0
+    )
+    if "removed_files" in gc:
+        yield GaugeMetricFamily(
+            "kvfs_gc_last_removed_files",
+            "Files the last expiry pass removed.",
+            gc["removed_files"],
+        )
+        yield GaugeMetricFamily(
+            "kvfs_gc_last_removed_bytes",
+            "Bytes of the files the last expiry pass removed.",
+            gc["removed_bytes"],
+        )
+
     yield GaugeMetricFamily("kvfs_sessions", "Sessions holding files.", sessions["count"])
     files = GaugeMetricFamily(
         "kvfs_session_files", f"Files of the {TOP_SESSIONS} largest sessions.", labels=["session"]

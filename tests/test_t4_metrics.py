@@ -4,6 +4,7 @@ import json
 import os
 import socket
 import subprocess
+import time
 import urllib.error
 import urllib.request
 
@@ -197,3 +198,32 @@ def test_session_usage_ranks_by_bytes():
         {"session": "b", "files": 1, "bytes": 100, "last_use": 1.0},
         {"session": "a", "files": 2, "bytes": 20, "last_use": 7.0},
     ]
+
+
+def test_gc_says_what_it_removed(make_mount):
+    port = free_port()
+    m = make_mount(
+        "--ttl", "1", "--cleanup-interval", "3600", "--no-touch-on-read", "--metrics", str(port)
+    )
+    for session, n in (("old-big", 3), ("old-small", 1), ("keep", 1)):
+        (m.path / session).mkdir()
+        for i in range(n):
+            (m.path / session / f"l{i}").write_bytes(b"x" * (1000 if session == "old-big" else 10))
+    time.sleep(1.2)  # the ttl (1 s) passes for these
+    (m.path / "keep" / "fresh").write_bytes(b"y")
+    out = subprocess.run(KVFS + ["gc", str(m.path)], capture_output=True, text=True, check=True)
+    # 5 files from 3 sessions ("keep" keeps its fresh file, so stays)
+    assert "expired 5 entries: 5 files (2.9 KiB) from 3 sessions, and 0 empty sessions" in out.stdout, out.stdout
+    lines = out.stdout.splitlines()
+    assert lines[1:] == [
+        "  old-big: 3 files, 2.9 KiB",
+        "  keep: 1 files, 10 B",  # a tie: by name
+        "  old-small: 1 files, 10 B",
+    ]
+    gc = m.status()["expiry"]["pass"]
+    assert (gc["running"], gc["done"], gc["total"]) == (False, 5, 5)
+    samples = scrape(port)
+    assert value(samples, "kvfs_gc_last_removed_files") == 5
+    assert value(samples, "kvfs_gc_last_removed_bytes") == 3020
+    assert value(samples, "kvfs_gc_running") == 0
+    assert value(samples, "kvfs_expiries_total") == 5
