@@ -213,7 +213,9 @@ def test_gc_says_what_it_removed(make_mount):
     (m.path / "keep" / "fresh").write_bytes(b"y")
     out = subprocess.run(KVFS + ["gc", str(m.path)], capture_output=True, text=True, check=True)
     # 5 files from 3 sessions ("keep" keeps its fresh file, so stays)
-    assert "expired 5 entries: 5 files (2.9 KiB) from 3 sessions, and 0 empty sessions" in out.stdout, out.stdout
+    assert (
+        "expired 5 entries: 5 files (2.9 KiB) from 3 sessions, and 0 empty sessions" in out.stdout
+    ), out.stdout
     lines = out.stdout.splitlines()
     assert lines[1:] == [
         "  old-big: 3 files, 2.9 KiB",
