@@ -77,10 +77,22 @@ def test_filled_on_read_then_served_while_the_store_is_down(remote, cached):
         os.close(fd)
     assert cached.get("aa/x.kvd") == b"x" * 1000
     with pytest.raises(StoreError):
-        cached.reader("aa/y.kvd")  # not cached: the outage shows
+        cached.reader("aa/y.kvd").pread(1, 0)  # not cached: the outage shows
     assert "remote store unreachable" in cached.statistics()["last_error"]
     remote.down = False
     assert cached.reader("aa/y.kvd").pread(2, 0) == b"yy"
+
+
+def test_a_broken_cache_disk_falls_back_to_the_store(remote, cached, caplog):
+    remote.put("ee/x.kvd", b"e" * 100)
+    # a plain file where the cache keeps ee/: no copy can land there
+    open(os.path.join(cached.cache_dir, "objects", "ee"), "w").close()
+    r = cached.reader("ee/x.kvd")
+    assert r.pread(3, 0) == b"eee"
+    r.close()
+    assert "cannot fill ee/x.kvd" in caplog.text
+    assert cached.statistics()["objects"] == 0
+    assert os.listdir(cached.local.staging_dir) == []
 
 
 def test_bounded_least_recently_used_out(remote, cached):
@@ -206,7 +218,7 @@ def test_outage_gives_eio_cached_files_still_read_and_the_mount_recovers(make_mo
         assert e.value.errno == errno.EIO
         key = obj_key(a.path / "s" / "layer01")
         assert key in ssd(b)["last_error"]
-        assert f"cannot fetch {key}" in b.log()
+        assert f"cannot fill {key}" in b.log()
         text = subprocess.run(
             KVFS + ["status", str(b.path)], check=True, capture_output=True, text=True
         ).stdout

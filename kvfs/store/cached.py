@@ -289,6 +289,8 @@ class CachedStore(Store):
             reader.close()
 
     def _open_filled(self, key: str) -> int | None:
+        """A descriptor of KEY's cached copy, filled first if need be; None
+        when it cannot be cached: the caller then reads the store itself."""
         fd = self._open_cached(key)
         with self._lock:
             self.stats["hits" if fd is not None else "misses"] += 1
@@ -300,10 +302,14 @@ class CachedStore(Store):
         except NotFound:
             raise
         except (KvfsError, OSError) as exc:
+            # the store failing or the cache's own disk (full, broken): either
+            # way the store is asked directly, and says which it was
             self._note_error(f"fill {key}: {exc}")
-            log.error("ssd cache: cannot fetch %s from %s: %s", key, self.inner.url, exc)
-            raise
-        return self._open_cached(key)
+            log.error(
+                "ssd cache: cannot fill %s (%s); reading it from %s", key, exc, self.inner.url
+            )
+            return None
+        return self._open_cached(key)  # None if a concurrent fill pushed it out already
 
     def _note_error(self, what: str) -> None:
         self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}"
