@@ -259,6 +259,41 @@ def test_prefetch_fetches_the_following_layers(make_mount, tmp_path):
     assert ssd(b)["prefetch"] == {"layers_ahead": 2, "hints_dropped": 0}
 
 
+def test_expiry_removes_the_object_from_the_store_and_the_cache(make_mount, tmp_path):
+    cache = tmp_path / "cache"
+    m = make_mount(
+        "--ssd-cache", str(cache), "--ttl", "2", "--cleanup-interval", "0.3", "--no-touch-on-read"
+    )
+    (m.path / "s").mkdir()
+    (m.path / "s" / "old").write_bytes(b"x" * 10000)
+    key = obj_key(m.path / "s" / "old")
+    assert (cache / "objects" / key).exists() and (m.store / "objects" / key).exists()
+    wait_for(lambda: not (m.path / "s").exists(), 8, what="expiry")
+    wait_for(lambda: not (m.store / "objects" / key).exists(), 5, what="the object deleted")
+    assert not (cache / "objects" / key).exists()
+    assert ssd(m)["objects"] == 0 and ssd(m)["used"] == 0
+
+
+def test_recover_on_a_cached_mount_rebuilds_from_the_store(make_mount, tmp_path, etcd):
+    m = make_mount("--ssd-cache", str(tmp_path / "cache"), "--no-touch-on-read")
+    data = write_layers(m.path, "s", 3, 5000)
+    m.umount()
+    subprocess.run(
+        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "ETCDCTL_API": "3"},
+    )
+    m.mount()
+    assert os.listdir(m.path) == []
+    out = subprocess.run(
+        KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "recovered 3 entries" in out
+    for name, want in data.items():
+        assert (m.path / "s" / name).read_bytes() == want
+
+
 def test_the_cache_stays_within_its_size(make_mount, tmp_path):
     a = make_mount()
     cache = tmp_path / "cache-b"
