@@ -120,17 +120,25 @@ class MetaCache:
 
     # -- updates -------------------------------------------------------------------
 
+    # A change this daemon made bumps the epoch as a watch event does: a fetch
+    # sent before it may return the state before it, and must not be cached
+    # over it (a lookup racing a commit would otherwise hide the new file).
+
     def put_entry(self, entry: Entry) -> None:
         """Record an entry this daemon just committed (authoritative at entry.rev)."""
+        self.epoch += 1
         self._set_entry(entry.session, entry.name, entry, entry.rev)
 
     def drop_entry(self, session: str, name: str, rev: int = 0) -> None:
+        self.epoch += 1
         self._set_entry(session, name, None, rev)
 
     def put_session(self, info: SessionInfo) -> None:
+        self.epoch += 1
         self._set_session(info.name, info, info.rev)
 
     def drop_session(self, name: str, rev: int = 0) -> None:
+        self.epoch += 1
         self._set_session(name, None, rev)
 
     def apply(self, ev: WatchEvent) -> None:

@@ -87,6 +87,7 @@ class Namespace:
         self.scrub_state: dict = {"running": False, "done": 0, "total": 0, "quarantined": 0}
         # True while `index` mirrors etcd (loaded, and the watch is up)
         self.index_complete = False
+        self._index_changed: dict | None = None  # set while load_index reads etcd
         self._later: list[tuple] = []  # heap of (due, seq, fn, what)
         self._later_seq = 0
         self._later_wake = trio.Event()
@@ -219,12 +220,22 @@ class Namespace:
     # -- index of sizes ---------------------------------------------------------
 
     async def load_index(self) -> None:
-        entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
+        # changes this daemon makes while etcd is read may be missing from
+        # what it returns: they are noted and laid over it
+        self._index_changed = changed = {}
+        try:
+            entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
+        finally:
+            self._index_changed = None
         self.index = {(e.session, e.name): (e.size, e.last_use_ns) for e in entries}
         self.used = sum(s for s, _ in self.index.values())
+        for (session, name), entry in changed.items():
+            self._index_set(session, name, entry)
         self.index_complete = True
 
     def _index_set(self, session: str, name: str, entry: Entry | None) -> None:
+        if self._index_changed is not None:
+            self._index_changed[(session, name)] = entry
         old = self.index.pop((session, name), None)
         if old is not None:
             self.used -= old[0]

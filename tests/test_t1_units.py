@@ -215,6 +215,20 @@ def test_cache_fill_racing_a_watch_event_is_not_kept():
     assert c.lookup_entry("s", "a") == (False, None)
 
 
+def test_cache_fill_racing_a_local_commit_is_not_kept():
+    # a lookup's etcd get sent before this daemon's own commit landed answers
+    # "absent": it must not hide the entry the commit put in the cache
+    c = MetaCache()
+    epoch = c.epoch
+    c.put_entry(_entry("a", 4))
+    c.fill_entry("s", "a", None, epoch)
+    assert c.lookup_entry("s", "a")[1].rev == 4
+    epoch = c.epoch
+    c.drop_entry("s", "a", 5)
+    c.fill_entry("s", "a", _entry("a", 4), epoch)
+    assert c.lookup_entry("s", "a") == (True, None)
+
+
 def test_cache_session_listing_answers_negatives_and_is_bounded():
     c = MetaCache(max_sessions=2, max_layers=3, max_recent=1)
     c.fill_listing("s", SessionInfo("s", rev=1), [_entry("a", 2)], c.epoch)

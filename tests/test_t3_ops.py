@@ -6,6 +6,7 @@ counts, the error boundary. The kernel is a recording fake.
 
 import errno
 import os
+import time
 from types import SimpleNamespace
 
 import pyfuse3
@@ -446,3 +447,96 @@ def test_readahead_on_a_passthrough_open_gets_the_true_bytes(fs):
         assert root == b"on"
 
     fs(body, passthrough=True)
+
+
+@pytest.mark.parametrize("second_after", [0.0, 0.1])
+def test_every_close_waits_for_the_commit_under_way(fs, second_after):
+    # A forked child closes its inherited copy of a writer's descriptor while
+    # the parent closes its own: two flushes of one open file. Whichever does
+    # not commit must still return only once the bytes are published, or the
+    # parent reads its own new file as missing (seen under etcd failover).
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        fi, attr = await ops.create(s.st_ino, b"f", 0o644, os.O_WRONLY, CTX)
+        await ops.write(fi.fh, 0, b"hello")
+        ops.writes.owner_closed = lambda h: True  # the opener's own close
+        commit = ns.meta.commit
+
+        def slow_commit(*args, **kw):
+            time.sleep(0.3)  # etcd electing a leader
+            return commit(*args, **kw)
+
+        ns.meta.commit = slow_commit
+        published = []
+
+        async def close(delay):
+            await trio.sleep(delay)
+            await ops.flush(fi.fh)
+            published.append(ns.meta.get_entry("s", "f") is not None)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close, 0.0)
+            nursery.start_soon(close, second_after)
+        assert published == [True, True]
+        await ops.release(fi.fh)
+        await ops.forget([(attr.st_ino, 1)])
+
+    fs(body)
+
+
+def test_a_close_gets_the_errno_of_the_commit_it_waited_for(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        fi, attr = await ops.create(s.st_ino, b"f", 0o644, os.O_WRONLY, CTX)
+        await ops.write(fi.fh, 0, b"hello")
+        ops.writes.owner_closed = lambda h: True
+
+        def failing_commit(*args, **kw):
+            time.sleep(0.2)
+            raise KvfsError("etcd refused", errno.EIO)
+
+        ns.meta.commit = failing_commit
+        errnos = []
+
+        async def close():
+            try:
+                await ops.flush(fi.fh)
+                errnos.append(0)
+            except pyfuse3.FUSEError as exc:
+                errnos.append(exc.errno)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(close)
+            nursery.start_soon(close)
+        assert errnos == [errno.EIO, errno.EIO]
+        await ops.release(fi.fh)
+        await ops.forget([(attr.st_ino, 1)])
+
+    fs(body)
+
+
+def test_index_reload_keeps_a_commit_made_while_etcd_was_read(fs):
+    # After a watch outage the index of names is read again; a file this
+    # daemon commits meanwhile may be missing from what etcd returned, and must
+    # not then be answered "no such file" from the index.
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        read_all_entries = ns.meta.iter_all_entries
+
+        def slow_snapshot():
+            snapshot = list(read_all_entries())  # etcd answered before the commit
+            time.sleep(0.3)
+            return iter(snapshot)
+
+        ns.meta.iter_all_entries = slow_snapshot
+        ns.index_complete = False
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ns.load_index)
+            await trio.sleep(0.1)
+            await write_file(ops, s.st_ino, b"f", b"hello")
+        ns.cache.invalidate_all()  # as the watch does when it breaks again
+        assert ns.index_complete
+        attr = await ops.lookup(s.st_ino, b"f", CTX)
+        assert attr.st_ino and await read_all(ops, attr.st_ino) == b"hello"
+
+    fs(body)

@@ -66,6 +66,9 @@ class WriterNode(FileNode):
     # committed while the kernel still held its backing file (now the committed
     # object): no new open may write through it
     sealed: bool = False
+    # the commit under way, if any: every other close of this writer waits for
+    # it, so no close(2) returns before the bytes it wrote are published
+    committing: object = None  # CommitInFlight
 
     def awaiting_open(self) -> bool:
         return bool(self.pinned) and time.monotonic() - self.pinned < CLAIM_TTL

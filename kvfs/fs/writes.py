@@ -28,6 +28,16 @@ log = logging.getLogger(__name__)
 CLOSING_WAIT = 0.5  # seconds a reader waits for a just-closed writer's commit
 
 
+class CommitInFlight:
+    """One writer's commit under way: its end, and its failure if it failed."""
+
+    __slots__ = ("done", "error")
+
+    def __init__(self):
+        self.done = trio.Event()
+        self.error: BaseException | None = None
+
+
 class Sealed(Exception):
     """A writable open raced the commit of its writer inode: open it afresh."""
 
@@ -149,12 +159,17 @@ class Writes:
         if p is None:
             return
         self._seal(node)
+        node.committing = inflight = CommitInFlight()
         try:
             entry = await self.ns.commit(p)
-        except BaseException:
+        except BaseException as exc:
+            inflight.error = exc
             with trio.CancelScope(shield=True):
                 await self.ns.call_io(p.abort)
             raise
+        finally:
+            node.committing = None
+            inflight.done.set()
         log.debug(
             "committed %s/%s version %s size %d",
             entry.session,
@@ -219,6 +234,11 @@ class Writes:
         node = h.node
         p = node.pending
         if p is None or node.orphaned or not await self._dirty(p):
+            # A close of an inherited descriptor (a forked child's, or the
+            # parent's while the child closes) can arrive while another close
+            # of the same open file is committing: it returns only once the
+            # bytes are published, or with the commit's errno.
+            await self._await_commit(node)
             return
         h.flushed = True
         failed = p.failed
@@ -228,9 +248,18 @@ class Writes:
             # the only open of this writer, and its process holds the name no
             # more: its own close. (An open on its way counts as held: a
             # version commits once no one can write it.)
-            if node.writers == [h] and node.pending is p and self.owner_closed(h):
+            if node.pending is not p:
+                # another close took it while we looked (see above)
+                await self._await_commit(node)
+            elif node.writers == [h] and self.owner_closed(h):
                 await self.commit(node)
             else:
+                log.debug(
+                    "%s/%s: commit deferred to the last close (%d open)",
+                    node.session,
+                    node.name,
+                    len(node.writers),
+                )
                 await self.ns.check_commit(p)
         except KvfsError as exc:
             log.warning("%s/%s cannot be committed: %s", node.session, node.name, exc)
@@ -239,6 +268,15 @@ class Writes:
                 self._seal(node)
                 await self.ns.call_io(pending.abort)
             raise
+
+    async def _await_commit(self, node: WriterNode) -> None:
+        inflight = node.committing
+        if inflight is None:
+            return
+        await inflight.done.wait()
+        failed = inflight.error
+        if failed is not None:
+            raise failed if isinstance(failed, KvfsError) else KvfsError(str(failed), errno.EIO)
 
     async def _dirty(self, p) -> bool:
         # a passthrough-written file is compared with the staged file (fstat)
