@@ -82,6 +82,10 @@ class Namespace:
         self.counters = Counter()
         # (session, name) -> (size, last use) of every entry: capacity and LRU eviction
         self.index: dict[tuple, tuple[int, int]] = {}
+        # the object behind each name, and how many names each object has: a
+        # file with several names (hard links) counts once in `used`
+        self._name_object: dict[tuple, str] = {}
+        self._object_names: Counter = Counter()
         self.used = 0
         self.last_corrupt: str | None = None
         self.scrub_state: dict = {"running": False, "done": 0, "total": 0, "quarantined": 0}
@@ -227,8 +231,10 @@ class Namespace:
             entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
         finally:
             self._index_changed = None
-        self.index = {(e.session, e.name): (e.size, e.last_use_ns) for e in entries}
-        self.used = sum(s for s, _ in self.index.values())
+        self.index, self._name_object, self._object_names = {}, {}, Counter()
+        self.used = 0
+        for e in entries:
+            self._index_set(e.session, e.name, e)
         for (session, name), entry in changed.items():
             self._index_set(session, name, entry)
         self.index_complete = True
@@ -236,12 +242,20 @@ class Namespace:
     def _index_set(self, session: str, name: str, entry: Entry | None) -> None:
         if self._index_changed is not None:
             self._index_changed[(session, name)] = entry
-        old = self.index.pop((session, name), None)
+        key = (session, name)
+        old = self.index.pop(key, None)
+        obj = self._name_object.pop(key, None)
         if old is not None:
-            self.used -= old[0]
+            self._object_names[obj] -= 1
+            if self._object_names[obj] <= 0:
+                del self._object_names[obj]
+                self.used -= old[0]
         if entry is not None:
-            self.index[(session, name)] = (entry.size, entry.last_use_ns)
-            self.used += entry.size
+            self.index[key] = (entry.size, entry.last_use_ns)
+            self._name_object[key] = entry.object
+            if self._object_names[entry.object] == 0:
+                self.used += entry.size
+            self._object_names[entry.object] += 1
 
     def apply_event(self, ev: WatchEvent) -> None:
         self.cache.apply(ev)
@@ -341,15 +355,24 @@ class Namespace:
             entry = await self.call_meta(self.meta.get_entry, session, name)
             if entry is None:
                 raise NotFound(f"{session}/{name}")
+            if entry.links:
+                # times, mode, owner and xattrs belong to the file: every name
+                files = await self._file_names(entry)
+                for e in files:
+                    mutate(e)
+                    e.links = _links_of(files)
+                check_xattr_room(entry.xattrs)
+                await self._publish([(e, e.rev) for e in files], [])
+                return entry
             mutate(entry)
             check_xattr_room(entry.xattrs)
             check_header_room(entry)
             await self.call_meta(self.meta.commit, entry, entry.rev)
+            self.cache.put_entry(entry)
+            self._index_set(session, name, entry)
             return entry
 
         entry = await self.retrying(f"{session}/{name}", attempt)
-        self.cache.put_entry(entry)
-        self._index_set(session, name, entry)
         await self._refresh_header(entry)
         return entry
 
@@ -368,14 +391,150 @@ class Namespace:
             log.warning("header of %s/%s not refreshed: %s", entry.session, entry.name, exc)
 
     async def unlink(self, session: str, name: str) -> Entry:
-        old = await self.call_meta(self.meta.delete_entry, session, name)
-        if old is None:
-            raise NotFound(f"{session}/{name}")
-        self.cache.drop_entry(session, name)
-        self._index_set(session, name, None)
-        self.delete_object_later(old.object)
+        known, cached = self.cache.lookup_entry(session, name)
+        if known and cached is not None and cached.links:
+            # one of several names: removed with the others rewritten, at once
+            old, alive = await self._drop_name(session, name)
+        else:
+            old = await self.call_meta(self.meta.delete_entry, session, name)
+            if old is None:
+                raise NotFound(f"{session}/{name}")
+            self.cache.drop_entry(session, name)
+            self._index_set(session, name, None)
+            alive = False
+            if old.links:  # linked by another node since this one looked
+                _, alive = await self._drop_name(session, name, gone=old)
+        if not alive:
+            self.delete_object_later(old.object)
         self.counters["deletes"] += 1
         return old
+
+    # -- hard links -------------------------------------------------------------------
+
+    async def _file_names(self, entry: Entry) -> list[Entry]:
+        """ENTRY's file under each of its names, as etcd has them now.
+
+        A listed name that holds another version no longer belongs to the file
+        (it was replaced, or a change was cut short) and is left out.
+        """
+        out = []
+        for s, n in entry.names:
+            if (s, n) == (entry.session, entry.name):
+                out.append(entry)
+                continue
+            e = await self.call_meta(self.meta.get_entry, s, n)
+            if e is not None and e.version == entry.version:
+                out.append(e)
+        return out
+
+    async def _only_index_names(self, entries: list[Entry]) -> bool:
+        for e in entries:
+            info = await self.get_session(e.session)
+            if info is None or not info.index:
+                return False
+        return True
+
+    async def _publish(self, puts: list, deletes: list) -> None:
+        """One transaction over several names, then the caches."""
+        await self.call_meta(self.meta.change_entries, puts, deletes)
+        for s, n, _ in deletes:
+            self.cache.drop_entry(s, n)
+            self._index_set(s, n, None)
+        for e, _ in puts:
+            self.cache.put_entry(e)
+            self._index_set(e.session, e.name, e)
+
+    async def link(
+        self, session: str, name: str, new_session: str, new_name: str, version: str = ""
+    ) -> Entry:
+        """Give SESSION/NAME's file another name (link(2)), in one transaction.
+
+        With VERSION, only if the name still holds that version.
+        """
+
+        async def attempt():
+            entry = await self.call_meta(self.meta.get_entry, session, name)
+            if entry is None or (version and entry.version != version):
+                raise NotFound(f"{session}/{name}")
+            if await self.call_meta(self.meta.get_entry, new_session, new_name) is not None:
+                raise Exists(f"{new_session}/{new_name}")
+            files = await self._file_names(entry)
+            names = [(e.session, e.name) for e in files] + [(new_session, new_name)]
+            now = time.time_ns()
+            puts = [(e.renamed(e.session, e.name, links=names, ctime_ns=now), e.rev) for e in files]
+            new = entry.renamed(new_session, new_name, links=names, ctime_ns=now)
+            puts.append((new, 0))
+            await self._publish(puts, [])
+            return new
+
+        new = await self.retrying(f"{session}/{name}", attempt)
+        self.counters["links"] += 1
+        await self._refresh_header(new)  # every name, for `kvfs recover`
+        return new
+
+    async def link_file(self, entry: Entry, new_session: str, new_name: str) -> Entry:
+        """link(2) of the file ENTRY is a version of, through any name it still has."""
+        for s, n in entry.names:
+            current = await self.get_entry(s, n)
+            if current is not None and current.version == entry.version:
+                try:
+                    return await self.link(s, n, new_session, new_name, version=entry.version)
+                except NotFound:
+                    continue  # that name went meanwhile: another may hold it
+        # every name is gone (an open file, unlinked): as link(2) says
+        raise NotFound(f"{entry.session}/{entry.name} has no name left")
+
+    async def _drop_name(self, session: str, name: str, gone: Entry | None = None):
+        """Take SESSION/NAME out of its file, with the file's other names in one step.
+
+        GONE is the name's record when a change already removed or replaced
+        it (then only the other names are rewritten). A file left with names
+        in index directories only goes with them. Returns (the name's record,
+        whether the file lives on under another name).
+        """
+
+        async def attempt():
+            if gone is None:
+                me = await self.call_meta(self.meta.get_entry, session, name)
+                if me is None:
+                    raise NotFound(f"{session}/{name}")
+                deletes = [(session, name, me.rev)]
+            else:
+                me, deletes = gone, []
+            rest = [e for e in await self._file_names(me) if (e.session, e.name) != (session, name)]
+            if rest and await self._only_index_names(rest):
+                deletes += [(e.session, e.name, e.rev) for e in rest]
+                rest = []
+            now = time.time_ns()
+            links = _links_of(rest)
+            puts = [(e.renamed(e.session, e.name, links=links, ctime_ns=now), e.rev) for e in rest]
+            if puts or deletes:
+                await self._publish(puts, deletes)
+            return me, [e for e, _ in puts]
+
+        me, rest = await self.retrying(f"{session}/{name}", attempt)
+        if rest:
+            await self._refresh_header(rest[0])
+        return me, bool(rest)
+
+    async def _release_object(self, old: Entry, session: str, name: str) -> None:
+        """SESSION/NAME no longer holds OLD's file: free it unless another name does."""
+        if old.links:
+            _, alive = await self._drop_name(session, name, gone=old)
+            if alive:
+                return
+        self.delete_object_later(old.object)
+
+    async def _release_object_safely(self, old: Entry, session: str, name: str) -> None:
+        # after a change that already happened: a failure here must not fail
+        # it. The object is kept (a leak the scrub reports, never a loss) and
+        # the other names keep listing this one until their next change.
+        try:
+            await self._release_object(old, session, name)
+        except KvfsError as exc:
+            log.warning(
+                "%s/%s: the other names of its old file not updated: %s", session, name, exc
+            )
 
     async def rename(
         self, session: str, name: str, new_session: str, new_name: str, noreplace: bool = False
@@ -386,17 +545,40 @@ class Namespace:
                 raise NotFound(f"{session}/{name}")
             if noreplace and await self.call_meta(self.meta.get_entry, new_session, new_name):
                 raise Exists(f"{new_session}/{new_name}")
-            replaced = await self.call_meta(self.meta.rename_entry, entry, new_session, new_name)
-            return entry, replaced
+            if not entry.links:
+                replaced = await self.call_meta(
+                    self.meta.rename_entry, entry, new_session, new_name
+                )
+                moved = entry.renamed(new_session, new_name)
+                self.cache.drop_entry(session, name)
+                self._index_set(session, name, None)
+                self.cache.put_entry(moved)
+                self._index_set(new_session, new_name, moved)
+                return entry, replaced, moved
+            # one name of several: the others learn the new one in the same step
+            target = await self.call_meta(self.meta.get_entry, new_session, new_name)
+            if target is not None and target.version == entry.version:
+                return entry, None, entry  # two names of one file: rename(2) does nothing
+            files = await self._file_names(entry)
+            names = [
+                (new_session, new_name)
+                if (e.session, e.name) == (session, name)
+                else (e.session, e.name)
+                for e in files
+            ]
+            puts = [
+                (e.renamed(e.session, e.name, links=names), e.rev)
+                for e in files
+                if (e.session, e.name) != (session, name)
+            ]
+            moved = entry.renamed(new_session, new_name, links=names)
+            puts.append((moved, target.rev if target else 0))
+            await self._publish(puts, [(session, name, entry.rev)])
+            return entry, target, moved
 
-        entry, replaced = await self.retrying(f"{session}/{name}", attempt)
-        moved = Entry(**{**entry.__dict__, "session": new_session, "name": new_name})
-        self.cache.drop_entry(session, name)
-        self._index_set(session, name, None)
-        self.cache.put_entry(moved)
-        self._index_set(new_session, new_name, moved)
+        entry, replaced, moved = await self.retrying(f"{session}/{name}", attempt)
         if replaced is not None and replaced.object != entry.object:
-            self.delete_object_later(replaced.object)
+            await self._release_object_safely(replaced, new_session, new_name)
         # the header names the file: after a lost etcd, recover must find it here
         await self._refresh_header(moved)
         return moved
@@ -480,7 +662,7 @@ class Namespace:
         self.cache.put_entry(entry)
         self._index_set(entry.session, entry.name, entry)
         if prev is not None and prev.object != entry.object:
-            self.delete_object_later(prev.object)
+            await self._release_object_safely(prev, entry.session, entry.name)
         self.counters["commits"] += 1
         self.counters["files_written"] += 1
         self.counters["bytes_written"] += entry.size
@@ -503,8 +685,13 @@ class Namespace:
             "started": time.time(),
         }
         t0, read = trio.current_time(), 0
+        seen = set()
         try:
             for e in entries:
+                if e.object in seen:  # another name of a file already checked
+                    state["done"] += 1
+                    continue
+                seen.add(e.object)
                 if not e.bad:
                     reason = await self.call_io(self._check_stored, e)
                     if reason is not None and await self._quarantine(e, reason):
@@ -551,12 +738,13 @@ class Namespace:
         current = await self.call_meta(self.meta.get_entry, e.session, e.name)
         if current is None or current.version != e.version:
             return False  # replaced or removed meanwhile: nothing to quarantine
-        current.bad = reason
+        files = await self._file_names(current)  # every name of the file
+        for f in files:
+            f.bad = reason
         try:
-            await self.call_meta(self.meta.commit, current, current.rev)
+            await self._publish([(f, f.rev) for f in files], [])
         except Conflict:
             return False  # changed meanwhile: the next pass looks again
-        self.cache.put_entry(current)
         self.counters["quarantined"] += 1
         self.last_corrupt = f"{e.session}/{e.name}"
         log.error(
@@ -578,24 +766,32 @@ class Namespace:
             raise NoSpace(f"{entry.size} bytes exceed the store capacity {self.capacity}")
         key = (entry.session, entry.name)
         current = self.index.get(key, (0, 0))[0]
+        if self._object_names.get(self._name_object.get(key), 0) > 1:
+            current = 0  # replacing one name of a linked file frees nothing
         need = self.used - current + entry.size - self.capacity
         if need <= 0:
             return
-        victims = sorted(
-            ((mt, k, size) for k, (size, mt) in self.index.items() if k != key),
-            key=lambda v: v[0],
-        )
-        for _mt, (session, name), size in victims:
+        # least recently used files first; a file with several names goes whole
+        files: dict[str, list] = {}
+        for k, (size, mt) in self.index.items():
+            if k != key:
+                files.setdefault(self._name_object.get(k), [mt, size, []])[2].append(k)
+        victims = sorted(files.values(), key=lambda v: v[0])
+        for _mt, size, names in victims:
             if need <= 0:
                 break
-            try:
-                await self.unlink(session, name)
-            except NotFound:
-                self._index_set(session, name, None)
+            gone = 0
+            for session, name in names:
+                try:
+                    await self.unlink(session, name)
+                    gone += 1
+                except NotFound:
+                    self._index_set(session, name, None)
+            if not gone:
                 continue
-            log.info("evicted %s/%s (%d bytes) to make room", session, name, size)
+            log.info("evicted %s (%d bytes) to make room", ", ".join(map("/".join, names)), size)
             self.counters["evictions"] += 1
-            self.counters["deletes"] -= 1
+            self.counters["deletes"] -= gone
             need -= size
         if need > 0:
             raise NoSpace("store capacity exhausted")
@@ -606,17 +802,33 @@ class Namespace:
         limit = int(self.ttl * 1e9)
         entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
         expired = [e for e in entries if now_ns - e.last_use_ns > limit]
+        by_name = {(e.session, e.name): e for e in entries}
+        done_files = set()
         n = 0
         for i, e in enumerate(expired):
-            try:
-                old = await self.call_meta(self.meta.delete_entry, e.session, e.name, e.rev)
-            except Conflict:
-                continue  # touched or replaced meanwhile: it lives on
-            if old is not None:
-                self.cache.drop_entry(e.session, e.name)
-                self._index_set(e.session, e.name, None)
-                self.delete_object_later(old.object)
-                n += 1
+            if e.links:
+                # a file with several names expires whole: every name at once
+                if e.version in done_files:
+                    continue
+                done_files.add(e.version)
+                names = [by_name[k] for k in e.names if k in by_name]
+                names = [x for x in names if x.version == e.version]
+                try:
+                    await self._publish([], [(x.session, x.name, x.rev) for x in names])
+                except (Conflict, NotFound):
+                    continue  # touched or changed meanwhile: it lives on
+                self.delete_object_later(e.object)
+                n += len(names)
+            else:
+                try:
+                    old = await self.call_meta(self.meta.delete_entry, e.session, e.name, e.rev)
+                except Conflict:
+                    continue  # touched or replaced meanwhile: it lives on
+                if old is not None:
+                    self.cache.drop_entry(e.session, e.name)
+                    self._index_set(e.session, e.name, None)
+                    self.delete_object_later(old.object)
+                    n += 1
             if progress:
                 progress(i + 1, len(expired))
         live = {e.session for e in entries if now_ns - e.last_use_ns <= limit}
@@ -635,6 +847,11 @@ class Namespace:
         return n
 
 
+def _links_of(entries: list[Entry]) -> list:
+    """The links list of a file with these names (empty: one name only)."""
+    return [(e.session, e.name) for e in entries] if len(entries) > 1 else []
+
+
 def header_meta(entry: Entry) -> dict:
     return {
         "session": entry.session,
@@ -649,6 +866,8 @@ def header_meta(entry: Entry) -> dict:
         "uid": entry.uid,
         "gid": entry.gid,
         "xattrs": encode_xattrs(entry.xattrs),
+        # every name of the file: `kvfs recover` restores them all
+        **({"links": [list(x) for x in entry.links]} if entry.links else {}),
     }
 
 

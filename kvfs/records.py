@@ -28,7 +28,23 @@ class Entry:
     uid: int = 0
     gid: int = 0
     xattrs: dict = field(default_factory=dict)  # name -> bytes
+    # Hard links: every name of a file with more than one, as [session, name]
+    # pairs, the same list in each name's record (empty: this name only). A
+    # file's attributes live in every one of its names' records, and a change
+    # to the file rewrites them all in one transaction.
+    links: list = field(default_factory=list)
     rev: int = 0  # etcd mod_revision; not stored
+
+    @property
+    def names(self) -> list[tuple[str, str]]:
+        """Every name of this file, this one included."""
+        if not self.links:
+            return [(self.session, self.name)]
+        return [(s, n) for s, n in self.links]
+
+    @property
+    def nlink(self) -> int:
+        return max(1, len(self.links))
 
     @property
     def last_use_ns(self) -> int:
@@ -45,7 +61,12 @@ class Entry:
     def from_json(cls, session: str, name: str, raw: bytes, rev: int = 0) -> "Entry":
         d = json.loads(raw)
         d["xattrs"] = decode_xattrs(d.get("xattrs", {}))
+        d["links"] = [tuple(x) for x in d.get("links", ())]
         return cls(session=session, name=name, rev=rev, **d)
+
+    def renamed(self, session: str, name: str, **changes) -> "Entry":
+        """This file's record under another of its names."""
+        return Entry(**{**self.__dict__, "session": session, "name": name, **changes})
 
 
 @dataclass
@@ -56,6 +77,9 @@ class SessionInfo:
     uid: int = 0
     gid: int = 0
     xattrs: dict = field(default_factory=dict)
+    # an index directory: its names do not keep a file alive (a file whose
+    # only remaining names are in index directories is removed)
+    index: bool = False
     mtime_ns: int = 0  # from t/SESSION
     rev: int = 0
 
@@ -67,6 +91,8 @@ class SessionInfo:
             "gid": self.gid,
             "xattrs": encode_xattrs(self.xattrs),
         }
+        if self.index:
+            d["index"] = True
         return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod

@@ -57,6 +57,7 @@ def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
     best: dict[tuple, Entry] = {}
     bad: list[str] = []
     superseded: list[str] = []
+    found: list[str] = []  # objects read whole
     for i, key in enumerate(keys):
         if progress:
             progress(i + 1, len(keys))
@@ -109,15 +110,21 @@ def scan(store: Store, progress=None) -> tuple[dict, list[str]]:
             log.warning("object %s skipped: %s", key, exc)
             bad.append(key)
             continue
-        k = (e.session, e.name)
-        old = best.get(k)
-        # the newest commit of a name wins; its predecessors were being replaced
-        if old is None or (e.ctime_ns, e.version) > (old.ctime_ns, old.version):
-            if old is not None:
-                superseded.append(old.object)
-            best[k] = e
-        else:
-            superseded.append(key)
+        found.append(key)
+        # a file with hard links: its header names every one of them
+        names = [tuple(x) for x in meta.get("links") or ()] or [(e.session, e.name)]
+        for k in names:
+            old = best.get(k)
+            # the newest commit of a name wins; its predecessors were being replaced
+            if old is None or (e.ctime_ns, e.version) > (old.ctime_ns, old.version):
+                best[k] = Entry(**{**e.__dict__, "session": k[0], "name": k[1], "links": names})
+    winners = {e.object for e in best.values()}
+    superseded += [key for key in found if key not in winners]
+    for e in best.values():
+        # names another file took later are no longer this file's
+        e.links = [k for k in e.links if best[k].object == e.object]
+        if len(e.links) < 2:
+            e.links = []
     if progress and not keys:
         progress(0, 0)
     return best, bad + superseded

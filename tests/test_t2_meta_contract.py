@@ -60,6 +60,32 @@ def test_rename_is_atomic(meta):
     assert meta.get_entry("s", "a") is None and meta.get_entry("t", "b").object == "oa"
 
 
+def test_change_entries_is_one_compare_and_swap(meta):
+    # the step a hard link takes: every name of the file rewritten at once
+    meta.create_session(SessionInfo("s"))
+    meta.create_session(SessionInfo("t"))
+    a = meta.commit(Entry("s", "a", object="o")) or meta.get_entry("s", "a")
+    names = [("s", "a"), ("t", "b")]
+    linked_a = a.renamed("s", "a", links=names)
+    linked_b = a.renamed("t", "b", links=names)
+    meta.change_entries([(linked_a, a.rev), (linked_b, 0)], [])
+    got = meta.get_entry("t", "b")
+    assert got.object == "o" and got.links == names and got.nlink == 2
+    assert meta.get_entry("s", "a").rev == got.rev == linked_a.rev
+    # a stale revision anywhere: nothing applies
+    with pytest.raises(Conflict):
+        meta.change_entries([(a.renamed("s", "a"), got.rev)], [("t", "b", got.rev - 1)])
+    assert meta.get_entry("t", "b").links == names
+    # a name that exists where absence was expected
+    with pytest.raises(Conflict):
+        meta.change_entries([(a.renamed("t", "b"), 0)], [])
+    with pytest.raises(NotFound):
+        meta.change_entries([(a.renamed("gone", "c"), 0)], [])
+    # unlink one name: delete it, rewrite the other, together
+    meta.change_entries([(a.renamed("s", "a"), got.rev)], [("t", "b", got.rev)])
+    assert meta.get_entry("t", "b") is None and meta.get_entry("s", "a").links == []
+
+
 def test_watch_sees_changes(meta):
     seen = []
     done = threading.Event()

@@ -540,3 +540,108 @@ def test_index_reload_keeps_a_commit_made_while_etcd_was_read(fs):
         assert attr.st_ino and await read_all(ops, attr.st_ino) == b"hello"
 
     fs(body)
+
+
+# -- hard links ---------------------------------------------------------------------
+
+
+async def data_objects(store) -> set:
+    await trio.sleep(2.2)  # the delete grace of removed versions
+    return {k for k in store.list() if k.endswith(".kvd")}
+
+
+def test_hard_links_share_the_file_and_free_it_with_the_last_name(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        t = await ops.mkdir(ROOT, b"t", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"a", b"shared prefix")
+        a = await ops.lookup(s.st_ino, b"a", CTX)
+        b = await ops.link(a.st_ino, t.st_ino, b"b", CTX)
+        c = await ops.link(a.st_ino, s.st_ino, b"c", CTX)
+        assert b.st_ino == c.st_ino == a.st_ino and c.st_nlink == 3
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.link(a.st_ino, t.st_ino, b"b", CTX)
+        assert exc.value.errno == errno.EEXIST
+        assert len(await data_objects(store)) == 1  # one copy of the bytes
+        # attributes belong to the file: set through one name, seen through all
+        await ops.setxattr(b.st_ino, b"user.tag", b"v", CTX)
+        await ops.setattr(b.st_ino, SimpleNamespace(st_mode=0o100600), fields(mode=True), None, CTX)
+        e = await ns.get_entry_uncached("s", "c")
+        assert e.xattrs == {"user.tag": b"v"} and e.mode & 0o777 == 0o600
+        assert sorted(e.links) == [("s", "a"), ("s", "c"), ("t", "b")]
+        # rm of one name keeps the others; the last name takes the bytes along
+        await ops.unlink(s.st_ino, b"a", CTX)
+        again = await ops.lookup(t.st_ino, b"b", CTX)
+        assert again.st_nlink == 2 and await read_all(ops, again.st_ino) == b"shared prefix"
+        await ops.unlink(t.st_ino, b"b", CTX)
+        assert (await ns.get_entry_uncached("s", "c")).links == []
+        assert len(await data_objects(store)) == 1
+        await ops.unlink(s.st_ino, b"c", CTX)
+        assert await data_objects(store) == set()
+        assert ns.used == 0
+
+    fs(body)
+
+
+def test_replacing_or_renaming_one_name_keeps_the_other(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"a", b"old")
+        a = await ops.lookup(s.st_ino, b"a", CTX)
+        await ops.link(a.st_ino, s.st_ino, b"b", CTX)
+        await write_file(ops, s.st_ino, b"a", b"new")  # a new file under a
+        b = await ns.get_entry_uncached("s", "b")
+        assert b.links == [] and (await ns.get_entry_uncached("s", "a")).links == []
+        assert await read_all(ops, (await ops.lookup(s.st_ino, b"b", CTX)).st_ino) == b"old"
+        assert len(await data_objects(store)) == 2
+        # rename of a linked name: the other name learns the new one
+        b_ino = (await ops.lookup(s.st_ino, b"b", CTX)).st_ino
+        await ops.link(b_ino, s.st_ino, b"c", CTX)
+        await ops.rename(s.st_ino, b"c", s.st_ino, b"d", 0, CTX)
+        assert sorted((await ns.get_entry_uncached("s", "b")).links) == [("s", "b"), ("s", "d")]
+        # rename onto another name of the same file changes nothing
+        await ops.rename(s.st_ino, b"b", s.st_ino, b"d", 0, CTX)
+        assert (await ns.get_entry_uncached("s", "b")) is not None
+
+    fs(body)
+
+
+def test_names_in_an_index_directory_do_not_keep_a_file_alive(fs):
+    async def body(ops, ns, store):
+        chat = await ops.mkdir(ROOT, b"chat-42", 0o755, CTX)
+        other = await ops.mkdir(ROOT, b"chat-99", 0o755, CTX)
+        idx = await ops.mkdir(ROOT, b"index", 0o755, CTX)
+        await ops.setxattr(idx.st_ino, b"user.kvfs.index", b"1", CTX)
+        assert await ops.getxattr(idx.st_ino, b"user.kvfs.index", CTX) == b"1"
+        for name in (b"only-mine", b"shared"):
+            await write_file(ops, chat.st_ino, name, name)
+            ino = (await ops.lookup(chat.st_ino, name, CTX)).st_ino
+            await ops.link(ino, idx.st_ino, name, CTX)
+        shared = (await ops.lookup(chat.st_ino, b"shared", CTX)).st_ino
+        await ops.link(shared, other.st_ino, b"shared", CTX)
+        # rm -r chat-42: what only it used goes, index names included
+        await ops.unlink(chat.st_ino, b"only-mine", CTX)
+        await ops.unlink(chat.st_ino, b"shared", CTX)
+        assert await ns.get_entry_uncached("index", "only-mine") is None
+        assert (await ns.get_entry_uncached("index", "shared")).nlink == 2
+        assert len(await data_objects(store)) == 1
+        with pytest.raises(pyfuse3.FUSEError) as exc:
+            await ops.setxattr(idx.st_ino, b"user.kvfs.index", b"yes", CTX)
+        assert exc.value.errno == errno.EINVAL
+
+    fs(body)
+
+
+def test_a_linked_file_expires_whole(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        t = await ops.mkdir(ROOT, b"t", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"a", b"x" * 100)
+        a = await ops.lookup(s.st_ino, b"a", CTX)
+        await ops.link(a.st_ino, t.st_ino, b"b", CTX)
+        assert ns.used == 100  # one file, counted once
+        assert await ns.expire(now_ns=time.time_ns() + int(ns.ttl * 1e9) + 10**9) >= 2
+        assert await ns.get_entry_uncached("t", "b") is None
+        assert await data_objects(store) == set()
+
+    fs(body)

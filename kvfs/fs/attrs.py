@@ -51,7 +51,7 @@ def session_attr(node: Node, info: SessionInfo) -> pyfuse3.EntryAttributes:
 def file_attr(node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
     a = _base(node.ino)
     a.st_mode = stat.S_IFREG | (entry.mode & 0o1777)
-    a.st_nlink = 1
+    a.st_nlink = entry.nlink
     a.st_uid, a.st_gid = entry.uid, entry.gid
     a.st_size = entry.size
     a.st_blocks = (entry.size + 511) // 512

@@ -50,6 +50,9 @@ class FileNode(Node):
 @dataclass(eq=False, kw_only=True)
 class VersionNode(FileNode):
     entry: Entry  # this version's metadata, kept current
+    # every (session, name, version) it answers to: the names of a file with
+    # hard links share one inode, so `ls -i`, `du` and `find -samefile` agree
+    keys: set = field(default_factory=set)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -79,6 +82,7 @@ class InodeTable:
         self.nodes: dict[int, Node] = {ROOT: RootNode(ino=ROOT, lookups=1)}
         self._sessions: dict[str, int] = {}
         self._versions: dict[tuple[str, str, str], int] = {}
+        self._files: dict[str, int] = {}  # version -> its inode, whatever the name
         # (session, name) -> {claimant thread: writer ino}: a writer's lookup and the
         # "is anyone writing this name" checks are dict hits, not scans
         self._claims: dict[tuple[str, str], dict[int, int]] = {}
@@ -134,9 +138,11 @@ class InodeTable:
             if self._sessions.get(node.session) == node.ino:
                 del self._sessions[node.session]
         elif isinstance(node, VersionNode):
-            key = (node.session, node.name, node.entry.version)
-            if self._versions.get(key) == node.ino:
-                del self._versions[key]
+            for key in node.keys:
+                if self._versions.get(key) == node.ino:
+                    del self._versions[key]
+            if self._files.get(node.entry.version) == node.ino:
+                del self._files[node.entry.version]
         elif isinstance(node, WriterNode):
             self.drop_claim(node)
 
@@ -156,13 +162,31 @@ class InodeTable:
     def version(self, entry: Entry) -> VersionNode:
         key = (entry.session, entry.name, entry.version)
         ino = self._versions.get(key)
+        if ino is None and entry.links:
+            # another name of a file the kernel already knows: the same inode
+            ino = self._files.get(entry.version)
+            if ino is not None:
+                self._versions[key] = ino
+                self.nodes[ino].keys.add(key)
         if ino is None:
             node = self._add(VersionNode, session=entry.session, name=entry.name, entry=entry)
+            node.keys.add(key)
             self._versions[key] = node.ino
+            self._files[entry.version] = node.ino
             return node
         node = self.nodes[ino]
         node.entry = entry  # the same version, maybe newer times or attributes
         return node
+
+    def name_gone(self, session: str, name: str) -> None:
+        """SESSION/NAME was removed: a file's inode answers to its other names only."""
+        for key in [k for k in self._versions if k[0] == session and k[1] == name]:
+            node = self.nodes.get(self._versions.pop(key))
+            if not isinstance(node, VersionNode):
+                continue
+            node.keys.discard(key)
+            if (node.session, node.name) == (session, name) and node.keys:
+                node.session, node.name, _ = next(iter(node.keys))
 
     def version_ino(self, session: str, name: str, version: str) -> int | None:
         return self._versions.get((session, name, version))
@@ -173,11 +197,15 @@ class InodeTable:
 
     def moved(self, session: str, name: str, entry: Entry) -> None:
         """A rename moved version ENTRY.version from SESSION/NAME to ENTRY's name."""
-        ino = self._versions.pop((session, name, entry.version), None)
+        old = (session, name, entry.version)
+        ino = self._versions.pop(old, None)
         if ino is not None and ino in self.nodes:
             node = self.nodes[ino]
+            new = (entry.session, entry.name, entry.version)
+            node.keys.discard(old)
+            node.keys.add(new)
             node.session, node.name, node.entry = entry.session, entry.name, entry
-            self._versions[(entry.session, entry.name, entry.version)] = ino
+            self._versions[new] = ino
 
     # -- writers and their claims ------------------------------------------------------
 

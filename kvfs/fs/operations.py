@@ -27,7 +27,7 @@ from .passthrough import Passthrough
 from .procfs import tgid
 from .reads import Reads, Toucher
 from .writes import Sealed, Writes
-from .xattrs import CONTROL, Xattrs, check_xattr_name
+from .xattrs import CONTROL, INDEX_XATTR, Xattrs, check_xattr_name
 
 log = logging.getLogger(__name__)
 
@@ -338,11 +338,16 @@ class Operations(pyfuse3.Operations):
         parent = self._session_of(parent_inode)
         fname = check_name(name)
         try:
-            await self.ns.unlink(parent.session, fname)
+            old = await self.ns.unlink(parent.session, fname)
         except NotFound:
             # a name only being written (never committed) is still a name
             if not self.inodes.writers_of(parent.session, fname):
                 raise
+        else:
+            ino = self.inodes.version_ino(parent.session, fname, old.version)
+            self.inodes.name_gone(parent.session, fname)
+            if ino is not None and old.links:
+                self.kernel.invalidate_inode(ino)  # one name fewer: st_nlink
         self.writes.orphan(parent.session, fname)
 
     @fuse_operation
@@ -386,7 +391,22 @@ class Operations(pyfuse3.Operations):
 
     @fuse_operation
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        raise pyfuse3.FUSEError(errno.EPERM)
+        node = self.inodes.get(inode)
+        if isinstance(node, WriterNode):
+            if node.pending is not None or node.entry is None:
+                # its bytes are not a file yet: they become one at close
+                raise KvfsError("a file being written can be linked once closed", errno.EBUSY)
+            entry = node.entry
+        elif isinstance(node, VersionNode):
+            entry = node.entry
+        else:
+            raise NotPermitted("directories have no hard links")
+        parent = self._session_of(new_parent_inode)
+        fname = check_name(new_name)
+        new = await self.ns.link_file(entry, parent.session, fname)
+        node = self.inodes.version(new)
+        self.inodes.looked_up(node)
+        return attrs.file_attr(node, new)
 
     @fuse_operation
     async def symlink(self, parent_inode, name, target, ctx):
@@ -537,6 +557,9 @@ class Operations(pyfuse3.Operations):
             if self.control_fn is None:
                 raise pyfuse3.FUSEError(errno.ENOTSUP)
             await self.control_fn(name[len(CONTROL) :].decode(), value)
+            return
+        if isinstance(node, SessionNode) and name == INDEX_XATTR:
+            await self.xattrs.mark_index(node, bytes(value))
             return
         key = check_xattr_name(name)
         if key is not None:

@@ -12,6 +12,9 @@ from .writes import Writes
 
 COMPUTED = "user.kvfs."
 CONTROL = b"user.kvfs.control."
+# set to 1 on a session directory: it becomes an index, whose names do not
+# keep a file alive (see Namespace._drop_name)
+INDEX_XATTR = b"user.kvfs.index"
 XATTR_NAME_MAX = 255
 
 
@@ -60,17 +63,21 @@ class Xattrs:
             if info is None:
                 raise NotFound(node.session)
             entries = await self.ns.list_entries(node.session)
-            return {
+            out = {
                 "user.kvfs.ctime": str(info.ctime_ns).encode(),
                 "user.kvfs.files": str(len(entries)).encode(),
                 "user.kvfs.size": str(sum(e.size for e in entries)).encode(),
             }
+            return out | ({"user.kvfs.index": b"1"} if info.index else {})
         if isinstance(node, WriterNode):
             p = node.pending
             size = p.size if p is not None else node.entry.size if node.entry else 0
             return {"user.kvfs.size": str(size).encode()}
         entry = await self.file_entry(node)
         out = {"user.kvfs.quarantined": entry.bad.encode()} if entry.bad else {}
+        if entry.links:
+            # every name of the file, one per line
+            out["user.kvfs.links"] = "\n".join(f"{s}/{n}" for s, n in entry.links).encode()
         return out | {
             "user.kvfs.size": str(entry.size).encode(),
             "user.kvfs.ctime": str(entry.ctime_ns).encode(),
@@ -110,6 +117,16 @@ class Xattrs:
     async def names(self, node) -> list[bytes]:
         names = list(await self.computed(node)) + list(await self.user(node))
         return [n.encode() for n in names]
+
+    async def mark_index(self, node: SessionNode, value: bytes) -> None:
+        if value.strip() not in (b"0", b"1"):
+            raise KvfsError("user.kvfs.index takes 1 (an index directory) or 0", errno.EINVAL)
+        on = value.strip() == b"1"
+
+        def mutate(info: SessionInfo):
+            info.index = on
+
+        await self.ns.update_session(node.session, mutate)
 
     async def change(self, node, change) -> Entry | None:
         """Apply CHANGE (a function of the attribute dict) to NODE's user attributes.

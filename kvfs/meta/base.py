@@ -76,6 +76,16 @@ class Meta(ABC):
     def rename_entry(self, entry: Entry, new_session: str, new_name: str) -> Entry | None:
         """Move ENTRY (at ENTRY.rev) to a new name in one step; returns the entry replaced."""
 
+    @abstractmethod
+    def change_entries(self, puts: list[tuple[Entry, int]], deletes: list[tuple[str, str, int]]):
+        """Put and delete entries in one step: the change of a file with several names.
+
+        Each (ENTRY, REV) of PUTS and (SESSION, NAME, REV) of DELETES applies
+        only if that name's revision is still REV (0 = absent); otherwise
+        nothing applies and Conflict is raised. NotFound if the session of a
+        put is gone. Sets each put entry's rev.
+        """
+
     # -- the cluster ---------------------------------------------------------------
 
     @abstractmethod

@@ -377,6 +377,38 @@ class EtcdMeta(Meta):
             return Entry.from_json(new_session, new_name, put.prev_kv.value)
         return None
 
+    def change_entries(self, puts, deletes):
+        t = self._tops()
+        cmp, ops = [], []
+        for session, name, expect in deletes:
+            key = self._ek(session, name)
+            cmp.append(t.mod(key) == expect if expect else t.version(key) == 0)
+            ops.append(t.delete(key))
+        sessions = list(dict.fromkeys([e.session for e, _ in puts]))
+        for entry, expect in puts:
+            key = self._ek(entry.session, entry.name)
+            cmp.append(t.mod(key) == expect if expect else t.version(key) == 0)
+            ops.append(t.put(key, entry.to_json()))
+        cmp += [t.version(self._k("s", s)) > 0 for s in sessions]
+        now = str(time.time_ns())
+        touched = sessions + [s for s, _, _ in deletes]
+        ops += [t.put(self._k("t", s), now) for s in dict.fromkeys(touched)]
+        ok, resp = self._call(
+            self._txn,
+            compare=cmp,
+            success=ops,
+            failure=[t.get(self._k("s", s)) for s in sessions],
+        )
+        if not ok:
+            for s, r in zip(sessions, resp, strict=True):
+                if not r:
+                    raise NotFound(f"no session {s}")
+            raise Conflict("a name of the file changed")
+        # one transaction, one revision: the session mtime put is always there
+        rev = resp[-1].response_put.header.revision
+        for entry, _ in puts:
+            entry.rev = rev
+
     # -- cluster ---------------------------------------------------------------
 
     def revision(self) -> int:

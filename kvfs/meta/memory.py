@@ -168,6 +168,31 @@ class MemoryMeta(Meta):
                 return None
             return Entry.from_json(new_session, new_name, prev[0])
 
+    def change_entries(self, puts, deletes):
+        with self._lock:
+            for entry, _ in puts:
+                if entry.session not in self._sessions:
+                    raise NotFound(f"no session {entry.session}")
+            for session, name, expect in [(e.session, e.name, r) for e, r in puts] + deletes:
+                cur = self._entries.get((session, name))
+                if (cur[1] if cur else 0) != expect:
+                    raise Conflict(f"{session}/{name} changed")
+            rev = self._bump()
+            events = []
+            for session, name, _ in deletes:
+                del self._entries[(session, name)]
+                events.append(WatchEvent("entry", session, name, None, rev))
+            for entry, _ in puts:
+                raw = entry.to_json()
+                self._entries[(entry.session, entry.name)] = (raw, rev)
+                entry.rev = rev
+                events.append(WatchEvent("entry", entry.session, entry.name, raw, rev))
+            now = time.time_ns()
+            touched = [e.session for e, _ in puts] + [s for s, _, _ in deletes]
+            for s in dict.fromkeys(touched):
+                self._touch_session(s, now, rev, events)
+            self._emit(events)
+
     # -- the cluster ------------------------------------------------------------
 
     def revision(self) -> int:
