@@ -86,7 +86,13 @@ class Daemon:
         # every step blocks (disk, a child process, the network): off the loop
         run = trio.to_thread.run_sync
         self.store = await run(
-            functools.partial(open_store, cfg.store_spec(), node=self.node, durable=cfg.durable)
+            functools.partial(
+                open_store,
+                cfg.store_spec(),
+                node=self.node,
+                durable=cfg.durable,
+                state_dir=cfg.state_dir,  # where a remote store stages writes
+            )
         )
         stack.callback(self.store.close)
         if cfg.enable_ssd_caching:

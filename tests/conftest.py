@@ -24,6 +24,19 @@ def etcd(tmp_path_factory):
     c.stop()
 
 
+@pytest.fixture(scope="session")
+def crail(tmp_path_factory):
+    """A Crail NameNode and TCP DataNode for the whole run (tests/crailtest.py)."""
+    from crailtest import CrailCluster
+
+    c = CrailCluster(tmp_path_factory.mktemp("crail"))
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
 @pytest.fixture
 def etcd_cluster(tmp_path):
     """A fresh three-member etcd cluster on loopback."""

@@ -12,7 +12,7 @@ fi
 
 need_apt=0
 # dpkg-source and patch build the private libfuse and pyfuse3 (below)
-for bin in fusermount3 pkg-config etcd etcdctl getfattr systemd-analyze gcc dpkg-source patch fio rsync; do
+for bin in fusermount3 pkg-config etcd etcdctl getfattr systemd-analyze gcc dpkg-source patch fio rsync javac mvn; do
     command -v "$bin" >/dev/null || need_apt=1
 done
 [ -f /usr/include/fuse3/fuse.h ] || need_apt=1
@@ -22,7 +22,7 @@ if [ "$need_apt" = 1 ]; then
     # etcd-server ships etcd 3.4 without starting a service: kvfs starts its own.
     apt-get install -y -qq --no-install-recommends \
         fuse3 libfuse3-dev pkg-config gcc attr etcd-server etcd-client systemd \
-        python3-venv dpkg-dev patch xz-utils fio rsync >/dev/null
+        python3-venv dpkg-dev patch xz-utils fio rsync openjdk-17-jdk-headless maven >/dev/null
 fi
 
 PY=${PYTHON:-python3}
@@ -98,6 +98,21 @@ if ! .venv/bin/python -c 'import vllm' 2>/dev/null; then
     .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
 fi
 # shellcheck disable=SC2086
-.venv/bin/pip install -q $wheels -e '.[test]'
-.venv/bin/python -c 'import pyfuse3, trio, pyetcd, safetensors, kvfs, kvfs_connector'
+.venv/bin/pip install -q $wheels -e '.[test,crail]'
+.venv/bin/python -c 'import pyfuse3, trio, pyetcd, safetensors, kvfs, kvfs_connector, jpype'
+
+# Apache Crail, for the `crail` store and its tests: no Debian or PyPI package,
+# so its jars come from Maven Central (tools/crail/pom.xml says which and why
+# 1.1), and kvfs's stand-in NameNode is compiled against them (Crail's own was
+# never published). Into .venv/crail; skipped when already there.
+CRAIL=$PWD/.venv/crail
+if [ ! -f "$CRAIL"/jars/.complete ]; then
+    rm -rf "$CRAIL"/jars
+    mvn -q -B -f tools/crail/pom.xml dependency:copy-dependencies -DoutputDirectory="$CRAIL"/jars
+    touch "$CRAIL"/jars/.complete
+fi
+if [ ! -f "$CRAIL"/classes/KvfsNameNode.class ] ||
+    [ tools/crail/KvfsNameNode.java -nt "$CRAIL"/classes/KvfsNameNode.class ]; then
+    javac -nowarn -d "$CRAIL"/classes -cp "$CRAIL/jars/*" tools/crail/KvfsNameNode.java
+fi
 echo "setup.sh: ready (.venv/bin/kvfs)"

@@ -1,6 +1,6 @@
 """Backing stores and their registry.
 
-Built-in stores are `local` and `memory`; others register under the
+Built-in stores are `local`, `memory` and `crail`; others register under the
 `kvfs.stores` entry-point group (name = "module:Class"), so a third-party
 package can add `s3`, `nfs` or anything else without touching kvfs.
 """
@@ -22,6 +22,10 @@ def _builtin(kind: str):
         from .memory import MemoryStore
 
         return MemoryStore
+    if kind == "crail":
+        from .crail import CrailStore
+
+        return CrailStore
     return None
 
 

@@ -1,0 +1,522 @@
+"""The `crail` store: objects as files in Apache Crail, through one in-process JVM.
+
+    --store crail://HOST:PORT/PATH     a NameNode at HOST:PORT, objects under PATH
+    --store crail:PATH                 the NameNode of $CRAIL_HOME/conf/crail-site.conf
+    (config: "storage_type": "crail", "crail_dir": PATH)
+
+One JVM per process, started at the first Crail store through JPype and kept
+for the process's life (a JVM cannot be restarted in a process), and one
+`CrailStore` client per store: never a JVM per call. Bytes move through direct
+ByteBuffers that wrap Python's own memory (`jpype.nio.convertToDirectBuffer`),
+so a read lands in the caller's buffer with no copy in between.
+
+Writes are staged in a local file (so the kernel can write it directly: FUSE
+passthrough); the commit uploads it to PATH/KEY.NODE.tmp and renames that to
+PATH/KEY, so a reader never sees a partial object. The staged file's name is
+the intent record, as in the `local` store: a crash between the upload and
+etcd's commit is settled by `clean_staging` at the next start.
+
+Crail files are written once, front to back: `rewrite_header` writes a new
+object and swaps it in. A lost connection (NameNode or DataNode gone) fails
+the call with StoreError (EIO) and the next call connects again, so the
+store recovers when Crail does, without a remount.
+"""
+
+import atexit
+import glob
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
+
+from ..errors import KvfsError, NotFound, StoreError
+from .base import ObjectStat, Store, StoreReader, StoreWriter
+from .local import LocalStore
+
+log = logging.getLogger(__name__)
+
+JVM_HEAP = os.environ.get("KVFS_CRAIL_JVM_HEAP", "256m")
+
+_jvm_lock = threading.Lock()
+_java = None  # the Java classes this module uses, once the JVM runs
+
+
+def crail_home() -> str:
+    """Where the Crail jars (jars/), kvfs's NameNode (classes/) and a default
+    configuration (conf/) are: KVFS_CRAIL_HOME, else the virtualenv's crail/."""
+    return os.environ.get("KVFS_CRAIL_HOME") or os.path.join(sys.prefix, "crail")
+
+
+def java_options() -> list[str]:
+    # Crail's buffers reach into sun.nio.ch.DirectBuffer, closed since Java 17
+    return [
+        "--add-exports=java.base/sun.nio.ch=ALL-UNNAMED",
+        "--add-opens=java.base/sun.nio.ch=ALL-UNNAMED",
+        "--add-opens=java.base/java.nio=ALL-UNNAMED",
+    ]
+
+
+def _classes():
+    """Start the JVM once for this process; the Crail classes kvfs uses."""
+    global _java
+    with _jvm_lock:
+        if _java is not None:
+            return _java
+        try:
+            import jpype
+            import jpype.imports  # noqa: F401 - makes `from org.apache... import` work
+        except ImportError:
+            raise KvfsError("the crail store needs jpype1 (tools/setup.sh installs it)") from None
+        home = crail_home()
+        jars = sorted(glob.glob(os.path.join(home, "jars", "*.jar")))
+        if not jars:
+            raise KvfsError(f"no Crail jars in {home}/jars (tools/setup.sh fetches them)")
+        if not os.environ.get("CRAIL_HOME"):
+            # Crail reads $CRAIL_HOME/conf/crail-site.conf; ours names the TCP
+            # NameNode binding and storage tier, the spec names the NameNode
+            os.environ["CRAIL_HOME"] = _default_conf()
+        if not jpype.isJVMStarted():
+            jpype.startJVM(
+                f"-Xmx{JVM_HEAP}",
+                *java_options(),
+                classpath=[os.path.join(os.environ["CRAIL_HOME"], "conf"), *jars],
+                convertStrings=True,
+            )
+        from org.apache.crail import (
+            CrailLocationClass,
+            CrailNodeType,
+            CrailStorageClass,
+        )
+        from org.apache.crail import CrailStore as JStore
+        from org.apache.crail.conf import CrailConfiguration, CrailConstants
+        from org.apache.crail.memory import OffHeapBuffer
+
+        _java = {
+            "nio": jpype.nio,
+            "JException": jpype.JException,
+            "Store": JStore,
+            "Conf": CrailConfiguration,
+            "Type": CrailNodeType,
+            "Storage": CrailStorageClass,
+            "Location": CrailLocationClass,
+            "wrap": OffHeapBuffer.wrap,
+            "Constants": CrailConstants,
+        }
+        return _java
+
+
+DEFAULT_CONF = """\
+crail.namenode.rpctype org.apache.crail.namenode.rpc.tcp.TcpNameNode
+crail.storage.types org.apache.crail.storage.tcp.TcpStorageTier
+crail.blocksize 1048576
+crail.buffersize 1048576
+crail.cachelimit 0
+crail.rpctimeout 3000
+crail.datatimeout 3000
+"""
+
+LOG4J = """\
+log4j.rootLogger=WARN, A1
+log4j.appender.A1=org.apache.log4j.ConsoleAppender
+log4j.appender.A1.layout=org.apache.log4j.PatternLayout
+log4j.appender.A1.layout.ConversionPattern=crail %p %c{1}: %m%n
+"""
+
+
+def _default_conf() -> str:
+    d = tempfile.mkdtemp(prefix="kvfs-crail-")
+    atexit.register(shutil.rmtree, d, True)
+    os.mkdir(os.path.join(d, "conf"))
+    with open(os.path.join(d, "conf", "crail-site.conf"), "w") as f:
+        f.write(DEFAULT_CONF + f"crail.cachepath {d}/cache\n")
+    with open(os.path.join(d, "conf", "log4j.properties"), "w") as f:
+        f.write(LOG4J)
+    return d
+
+
+def _text(exc) -> str:
+    """A Java exception's message, its cause's when it only wraps one."""
+    msg = str(exc)
+    cause = getattr(exc, "getCause", None)
+    if cause is not None:
+        try:
+            c = exc.getCause()
+            while c is not None and c.getCause() is not None:
+                c = c.getCause()
+            if c is not None:
+                msg = str(c.getMessage() or c)
+        except Exception:
+            pass
+    return msg
+
+
+def parse_spec(arg: str) -> tuple[str | None, str]:
+    """("HOST:PORT" or None, PATH) from "//HOST:PORT/PATH" or "PATH"."""
+    if arg.startswith("//"):
+        rest = arg[2:]
+        address, _, path = rest.partition("/")
+        if not address or ":" not in address:
+            raise KvfsError(f"crail store {arg!r}: expected crail://HOST:PORT/PATH")
+        return address, "/" + path.strip("/")
+    return None, "/" + (arg or "kvfs").strip("/")
+
+
+class CrailStore(Store):
+    def __init__(self, arg: str, node: str = "default", state_dir: str | None = None, **_):
+        self.address, self.base = parse_spec(arg)
+        if self.base == "/":
+            raise KvfsError("crail store: give a directory, e.g. crail://HOST:PORT/kvfs")
+        self.url = f"crail://{self.address}{self.base}" if self.address else f"crail:{self.base}"
+        self.node = node
+        # a local staging directory: a staged file is one the kernel can write
+        staging = os.path.join(state_dir or tempfile.gettempdir(), "crail-staging")
+        self.local = LocalStore(staging, node=node, durable=False)
+        self._j = _classes()
+        self._lock = threading.Lock()
+        self._fs = None
+        self._dirs: set[str] = set()
+        self.errors = 0
+        self.last_error: str | None = None
+        self._client()  # fail the mount now, not at the first read, if Crail is not there
+        # reads go a block at a time (see _read_into); known once a client ran
+        self.block = int(self._j["Constants"].BLOCK_SIZE)
+        self._mkdir(self.base)
+
+    # -- the client ---------------------------------------------------------------
+
+    def _client(self):
+        with self._lock:
+            if self._fs is None:
+                conf = self._j["Conf"]()
+                if self.address:
+                    conf.set("crail.namenode.address", f"crail://{self.address}")
+                try:
+                    self._fs = self._j["Store"].newInstance(conf)
+                except self._j["JException"] as exc:
+                    raise self._failed("connect", exc) from None
+                self._dirs.clear()
+            return self._fs
+
+    def _failed(self, what: str, exc) -> StoreError:
+        """The error to raise for a failed Crail call; drops the client so the
+        next call connects again (a restarted NameNode or DataNode)."""
+        text = _text(exc)
+        with self._lock:
+            fs, self._fs = self._fs, None
+            self.errors += 1
+            self.last_error = f"{what}: {text}"
+        if fs is not None:
+            threading.Thread(target=_close_quietly, args=(fs,), daemon=True).start()
+        log.error("crail %s: %s failed: %s", self.url, what, text)
+        return StoreError(f"crail {what}: {text}")
+
+    def path(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/") or not key:
+            raise StoreError(f"bad object key {key!r}")
+        return f"{self.base}/{key}"
+
+    def _lookup(self, path: str):
+        """The node at PATH, None if there is none."""
+        fs = self._client()
+        try:
+            return fs.lookup(path).get()
+        except self._j["JException"] as exc:
+            raise self._failed(f"lookup {path}", exc) from None
+
+    def _mkdir(self, path: str) -> None:
+        if path in self._dirs:
+            return
+        fs = self._client()
+        j = self._j
+        if self._lookup(path) is None:
+            try:
+                node = fs.create(
+                    path, j["Type"].DIRECTORY, j["Storage"].DEFAULT, j["Location"].DEFAULT, True
+                ).get()
+                node.syncDir()
+            except j["JException"] as exc:
+                if "exists" not in _text(exc):  # made meanwhile by another thread or node
+                    raise self._failed(f"mkdir {path}", exc) from None
+        self._dirs.add(path)
+
+    def _read_into(self, path: str, buf, offset: int) -> int:
+        """Bytes of PATH from OFFSET into BUF (a writable buffer): how many."""
+        j = self._j
+        node = self._lookup(path)
+        if node is None:
+            raise NotFound(path)
+        try:
+            f = node.asFile()
+            size = f.getCapacity()
+            want = max(0, min(len(buf), size - offset))
+            if want == 0:
+                return 0
+            view = memoryview(buf).cast("B")[:want]
+            stream = f.getDirectInputStream(size)
+            done = 0
+            try:
+                stream.seek(offset)
+                while done < want:
+                    # Crail reads straight into BUF's memory (no copy on this
+                    # side), one block's piece at a time, each in a buffer of
+                    # its own: a read spanning blocks, or a buffer's position,
+                    # lands the bytes at the wrong place (Crail 1.1, TCP tier)
+                    pos = offset + done
+                    end = min(want, done + (pos // self.block + 1) * self.block - pos)
+                    piece = view[done:end]
+                    cbuf = j["wrap"](j["nio"].convertToDirectBuffer(piece))
+                    fut = stream.read(cbuf)
+                    n = fut.get().getLen() if fut is not None else 0
+                    if n <= 0:
+                        break
+                    done += n
+            finally:
+                stream.close()
+            return done
+        except j["JException"] as exc:
+            raise self._failed(f"read {path}", exc) from None
+
+    def _write(self, path: str, source, size: int) -> None:
+        """Create PATH holding SIZE bytes that SOURCE(buffer, offset) -> n fills."""
+        j = self._j
+        fs = self._client()
+        self._mkdir(path.rsplit("/", 1)[0])
+        buf = bytearray(min(self.block, max(size, 1)))
+        # one direct buffer over BUF's memory for the whole upload
+        cbuf = j["wrap"](j["nio"].convertToDirectBuffer(buf))
+        try:
+            node = fs.create(
+                path, j["Type"].DATAFILE, j["Storage"].DEFAULT, j["Location"].DEFAULT, True
+            ).get()
+            node.syncDir()
+            stream = node.asFile().getDirectOutputStream(size)
+            try:
+                off = 0
+                while off < size:
+                    n = source(memoryview(buf)[: min(len(buf), size - off)], off)
+                    if n <= 0:
+                        raise StoreError(f"crail write {path}: the source ended at {off}")
+                    cbuf.clear()
+                    cbuf.limit(n)
+                    stream.write(cbuf).get()
+                    off += n
+            finally:
+                stream.close()
+        except j["JException"] as exc:
+            raise self._failed(f"write {path}", exc) from None
+
+    def _remove(self, path: str) -> bool:
+        """Delete PATH; False if it was not there."""
+        fs = self._client()
+        try:
+            node = fs.delete(path, False).get()
+        except self._j["JException"] as exc:
+            text = _text(exc)
+            if "not found" in text.lower() or "GET_FILE_FAILED" in text or "No such" in text:
+                return False
+            raise self._failed(f"delete {path}", exc) from None
+        if node is None:
+            return False
+        node.syncDir()
+        return True
+
+    def _publish(self, tmp: str, path: str) -> None:
+        """Rename TMP to PATH, replacing what is there (Crail's rename does not)."""
+        fs = self._client()
+        try:
+            if self._lookup(path) is not None:
+                self._remove(path)
+            fs.rename(tmp, path).get().syncDir()
+        except self._j["JException"] as exc:
+            raise self._failed(f"rename {tmp}", exc) from None
+
+    # -- the Store interface ------------------------------------------------------
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self.path(key)
+        tmp = f"{path}.{self.node}.{uuid.uuid4().hex[:8]}.tmp"
+        mv = memoryview(data)
+
+        def source(buf, off):
+            n = len(buf)
+            buf[:] = mv[off : off + n]
+            return n
+
+        try:
+            self._write(tmp, source, len(data))
+            self._publish(tmp, path)
+        except BaseException:
+            self._quietly_remove(tmp)
+            raise
+
+    def _quietly_remove(self, path: str) -> None:
+        try:
+            self._remove(path)
+        except KvfsError:
+            pass
+
+    def get(self, key: str, offset: int = 0, size: int = -1) -> bytes:
+        path = self.path(key)
+        if size < 0:
+            size = max(0, self.stat(key).size - offset)
+        buf = bytearray(size)
+        n = self._read_into(path, buf, offset)
+        return bytes(buf) if n == size else bytes(buf[:n])
+
+    def exists(self, key: str) -> bool:
+        return self._lookup(self.path(key)) is not None
+
+    def delete(self, key: str) -> None:
+        self._remove(self.path(key))
+
+    def list(self, prefix: str = "") -> Iterator[str]:
+        keys = []
+        for sub in self._children(self.base):
+            for name in self._children(f"{self.base}/{sub}"):
+                key = f"{sub}/{name}"
+                if not name.endswith(".tmp") and key.startswith(prefix):
+                    keys.append(key)
+        return iter(sorted(keys))
+
+    def _children(self, path: str) -> "list[str]":
+        node = self._lookup(path)
+        if node is None:
+            return []
+        try:
+            if not node.getType().isDirectory():
+                return []
+            return [str(p).rsplit("/", 1)[-1] for p in node.asDirectory().listEntries()]
+        except self._j["JException"] as exc:
+            raise self._failed(f"list {path}", exc) from None
+
+    def stat(self, key: str) -> ObjectStat:
+        node = self._lookup(self.path(key))
+        if node is None:
+            raise NotFound(key)
+        return ObjectStat(node.getCapacity(), node.getModificationTime() / 1000)
+
+    def writer(self, key: str) -> StoreWriter:
+        self.path(key)  # checks the key before any byte moves
+        return CrailWriter(self, key)
+
+    def reader(self, key: str) -> StoreReader:
+        node = self._lookup(self.path(key))
+        if node is None:
+            raise NotFound(key)
+        return CrailReader(self, key)
+
+    def rewrite_header(self, key: str, data: bytes) -> None:
+        # written once, front to back: a new object with the new head, swapped in
+        old = self.get(key)
+        self.put(key, bytes(data) + old[len(data) :])
+
+    def clean_staging(self, is_live=None) -> int:
+        """Settle this node's commits a crash interrupted (see LocalStore's):
+        an object etcd does not reference goes, and so does every staged file."""
+        n = 0
+        for f in os.listdir(self.local.staging_dir):
+            key = f.replace("%", "/")
+            try:
+                if self.exists(key) and not (is_live is not None and is_live(key)):
+                    self.delete(key)
+            except Exception:
+                continue  # cannot tell now: decide at the next start
+            try:
+                os.unlink(os.path.join(self.local.staging_dir, f))
+                n += 1
+            except OSError:
+                pass
+        return n
+
+    def statistics(self) -> dict:
+        return {"errors": self.errors, "last_error": self.last_error}
+
+    def close(self) -> None:
+        with self._lock:
+            fs, self._fs = self._fs, None
+        if fs is not None:
+            _close_quietly(fs)
+
+
+def _close_quietly(fs) -> None:
+    try:
+        fs.close()
+    except Exception as exc:
+        log.debug("closing the crail client: %s", exc)
+
+
+class CrailReader(StoreReader):
+    def __init__(self, store: CrailStore, key: str):
+        self._store = store
+        self._path = store.path(key)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        buf = bytearray(size)
+        n = self._store._read_into(self._path, buf, offset)
+        return bytes(buf) if n == size else bytes(buf[:n])
+
+    def readinto(self, buf, offset: int) -> int:
+        return self._store._read_into(self._path, buf, offset)
+
+    def close(self) -> None:
+        pass
+
+
+class CrailWriter(StoreWriter):
+    """Staged in a local file; the commit uploads it and renames it into place."""
+
+    def __init__(self, store: CrailStore, key: str):
+        self._store = store
+        self._key = key
+        self._local = store.local.writer(key)
+        self._published = False
+
+    def pwrite(self, data, offset: int) -> int:
+        return self._local.pwrite(data, offset)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return self._local.pread(size, offset)
+
+    def truncate(self, size: int) -> None:
+        self._local.truncate(size)
+
+    def size(self) -> int:
+        return self._local.size()
+
+    def fileno(self) -> int:
+        return self._local.fileno()
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        self._local.fallocate(mode, offset, length)
+
+    def data_ranges(self, size: int):
+        return self._local.data_ranges(size)
+
+    def commit(self) -> None:
+        s = self._store
+        path = s.path(self._key)
+        tmp = f"{path}.{s.node}.{uuid.uuid4().hex[:8]}.tmp"
+        fd = self._local.fileno()
+        try:
+            s._write(tmp, lambda buf, off: os.preadv(fd, [buf], off), self._local.size())
+            s._publish(tmp, path)
+        except BaseException:
+            s._quietly_remove(tmp)
+            self.abort()
+            raise
+        # the staged file stays, as the intent record, until forget_intent (and
+        # the kernel may still read it: the writer's inode is backed by it)
+        self._published = True
+
+    def forget_intent(self) -> None:
+        self._local.abort()
+
+    def abort(self) -> None:
+        self._local.abort()
+        if self._published:
+            self._store._quietly_remove(self._store.path(self._key))
+            self._published = False
