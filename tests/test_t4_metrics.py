@@ -2,11 +2,13 @@
 
 import json
 import os
+import re
 import socket
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -229,3 +231,30 @@ def test_gc_says_what_it_removed(make_mount):
     assert value(samples, "kvfs_gc_last_removed_bytes") == 3020
     assert value(samples, "kvfs_gc_running") == 0
     assert value(samples, "kvfs_expiries_total") == 5
+
+
+def test_dashboard_queries_only_metrics_that_exist(make_mount):
+    """docs/grafana-kvfs.json asks for nothing a daemon or the connector does not export."""
+    from kvfs_connector.counters import FIELDS
+
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "docs" / "grafana-kvfs.json").read_text()
+    )
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            queried |= set(re.findall(r"(?:vllm:)?kvfs_\w+|process_\w+", target["expr"]))
+    port = free_port()
+    m = make_mount("--metrics", str(port), "--capacity", "1G")
+    (m.path / "s").mkdir()
+    (m.path / "s" / "f").write_bytes(b"x")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    exported = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
+    exported |= set(
+        re.findall(r"^# TYPE (\S+) counter", text, re.M)
+    )  # a family with no samples yet
+    exported |= {name + "_total" for name in re.findall(r"^# TYPE (\S+) counter", text, re.M)}
+    exported |= {f"vllm:kvfs_{name}_total" for name in FIELDS}
+    assert len(queried) > 30
+    assert queried <= exported, sorted(queried - exported)
