@@ -1,0 +1,116 @@
+"""Hard links through a real mount: ln, ls -l, du, rm, two mounts, recover."""
+
+import os
+import subprocess
+import time
+
+from test_t4_faults import lose_etcd_data, store_objects
+
+from kvfstest import KVFS, wait_for
+
+
+def objects_after_grace(m):
+    time.sleep(2.5)  # removed versions linger for the delete grace
+    return store_objects(m)
+
+
+def test_ln_within_and_across_sessions_like_any_filesystem(make_mount):
+    m = make_mount()
+    for s in ("chat-42", "chat-99"):
+        (m.path / s).mkdir()
+    a = m.path / "chat-42" / "prefix"
+    a.write_bytes(b"k" * 100_000)
+    subprocess.run(["ln", str(a), str(m.path / "chat-99" / "prefix")], check=True)
+    os.link(a, m.path / "chat-42" / "again")
+    sa, sb = os.stat(a), os.stat(m.path / "chat-99" / "prefix")
+    assert sa.st_ino == sb.st_ino and sa.st_nlink == sb.st_nlink == 3
+    ls = subprocess.run(["ls", "-l", str(m.path / "chat-99")], capture_output=True, text=True)
+    assert " 3 " in ls.stdout.splitlines()[1], ls.stdout  # the link count column
+    # du counts a file once however many names it has in what it walks
+    du = subprocess.run(["du", "-sb", str(m.path)], capture_output=True, text=True, check=True)
+    assert int(du.stdout.split()[0]) < 150_000, du.stdout
+    assert len(store_objects(m)) == 1
+    # attributes belong to the file
+    os.setxattr(m.path / "chat-99" / "prefix", "user.model", b"tiny")
+    os.utime(a, ns=(10**18, 10**18))
+    b = m.path / "chat-99" / "prefix"
+    assert os.getxattr(m.path / "chat-42" / "again", "user.model") == b"tiny"
+    assert os.stat(b).st_mtime_ns == 10**18
+    links = os.getxattr(b, "user.kvfs.links").decode().split("\n")
+    assert sorted(links) == ["chat-42/again", "chat-42/prefix", "chat-99/prefix"]
+    # rm of one name keeps the others; the bytes go with the last
+    subprocess.run(["rm", "-r", str(m.path / "chat-42")], check=True)
+    assert os.stat(b).st_nlink == 1 and b.read_bytes() == b"k" * 100_000
+    assert len(objects_after_grace(m)) == 1
+    os.unlink(b)
+    assert objects_after_grace(m) == set()
+    # link(2)'s errors
+    (m.path / "chat-99" / "x").write_bytes(b"x")
+    os.link(m.path / "chat-99" / "x", m.path / "chat-99" / "y")
+    for bad, err in (
+        (m.path / "chat-99" / "y", FileExistsError),
+        (m.path / "nosession" / "y", FileNotFoundError),
+    ):
+        try:
+            os.link(m.path / "chat-99" / "x", bad)
+            raise AssertionError(f"link to {bad} worked")
+        except err:
+            pass
+
+
+def test_rm_of_a_session_erases_what_only_it_used(make_mount):
+    m = make_mount()
+    for s in ("chat-42", "chat-99", "index"):
+        (m.path / s).mkdir()
+    os.setxattr(m.path / "index", "user.kvfs.index", b"1")
+    for name in ("system", "turn-42"):
+        (m.path / "chat-42" / name).write_bytes(name.encode() * 1000)
+        os.link(m.path / "chat-42" / name, m.path / "index" / name)
+    os.link(m.path / "index" / "system", m.path / "chat-99" / "system")
+    assert len(store_objects(m)) == 2
+    subprocess.run(["rm", "-r", str(m.path / "chat-42")], check=True)
+    assert sorted(os.listdir(m.path / "index")) == ["system"]
+    assert os.stat(m.path / "chat-99" / "system").st_nlink == 2
+    assert len(objects_after_grace(m)) == 1
+
+
+def test_two_mounts_see_links_come_and_go(make_mount):
+    a, b = make_mount(), make_mount()
+    (a.path / "s").mkdir()
+    (a.path / "s" / "f").write_bytes(b"data")
+    wait_for(lambda: (b.path / "s" / "f").exists(), 5, what="the file on the other mount")
+    assert os.stat(b.path / "s" / "f").st_nlink == 1
+    t0 = time.monotonic()
+    os.link(a.path / "s" / "f", a.path / "s" / "g")
+    wait_for(lambda: (b.path / "s" / "g").exists(), 1, what="the link on the other mount")
+    wait_for(lambda: os.stat(b.path / "s" / "f").st_nlink == 2, 1, what="the new link count")
+    assert time.monotonic() - t0 < 1.5
+    assert os.stat(b.path / "s" / "g").st_ino == os.stat(b.path / "s" / "f").st_ino
+    os.unlink(a.path / "s" / "f")
+    wait_for(lambda: not (b.path / "s" / "f").exists(), 1, what="the unlink on the other mount")
+    wait_for(lambda: os.stat(b.path / "s" / "g").st_nlink == 1, 1, what="the link count")
+    assert (b.path / "s" / "g").read_bytes() == b"data"
+
+
+def test_recover_restores_every_link(make_mount, etcd):
+    m = make_mount()
+    for s in ("s", "t"):
+        (m.path / s).mkdir()
+    (m.path / "s" / "a").write_bytes(b"linked")
+    os.link(m.path / "s" / "a", m.path / "t" / "b")
+    os.link(m.path / "s" / "a", m.path / "s" / "c")
+    os.unlink(m.path / "s" / "c")  # a name removed is not brought back
+    (m.path / "s" / "lone").write_bytes(b"alone")
+    m.umount()
+    lose_etcd_data(m, etcd)
+    m.mount()
+    out = subprocess.run(
+        KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True
+    )
+    assert sorted(os.listdir(m.path / "s")) == ["a", "lone"], out.stdout + out.stderr
+    assert os.listdir(m.path / "t") == ["b"]
+    assert os.stat(m.path / "t" / "b").st_nlink == 2
+    assert os.stat(m.path / "t" / "b").st_ino == os.stat(m.path / "s" / "a").st_ino
+    assert (m.path / "t" / "b").read_bytes() == b"linked"
+    os.unlink(m.path / "s" / "a")
+    assert os.stat(m.path / "t" / "b").st_nlink == 1
