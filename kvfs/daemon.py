@@ -75,6 +75,8 @@ class Daemon:
         self.gc_state: dict = {"running": False, "done": 0, "total": 0}
         self.watch_state = "starting"
         self.usage = None
+        # per-session use (metrics.session_usage), refreshed by run_health
+        self.sessions: dict | None = None
         self.prefetcher: Prefetcher | None = None
 
     # -- setup -----------------------------------------------------------------------
@@ -135,9 +137,7 @@ class Daemon:
 
     # -- status -------------------------------------------------------------------------
 
-    def status(self, sessions: bool = True) -> dict:
-        """Everything `kvfs status --json` shows; SESSIONS: with per-session use
-        (one pass over the index: the metrics scrape does that off the loop)."""
+    def status(self) -> dict:
         ns = self.ns
         usage = self.usage  # refreshed by run_health: statvfs may block
         return {
@@ -211,15 +211,13 @@ class Daemon:
                 "last_gc": self.last_gc,
                 "pass": self.gc_state,
             },
-            **({"sessions": metrics.session_usage(ns.index)} if sessions else {}),
+            # up to 5 s old (run_health); None until first computed
+            "sessions": self.sessions,
         }
 
-    def metrics_snapshot(self) -> tuple[dict, dict] | None:
-        """For a scrape, on the loop: the status and a copy of the size index
-        (a C-level copy: fast, and consistent, as no request runs meanwhile)."""
-        if self.ops is None:
-            return None  # not mounted yet
-        return self.status(sessions=False), self.ns.index.copy()
+    def metrics_snapshot(self) -> dict | None:
+        """The status, for a scrape (called on the loop); None until mounted."""
+        return None if self.ops is None else self.status()
 
     async def control(self, verb: str, value: bytes) -> None:
         if verb == "gc":
@@ -340,6 +338,14 @@ class Daemon:
                 self.usage = await trio.to_thread.run_sync(self.store.usage)
             except KvfsError as exc:
                 log.warning("store usage unknown: %s", exc)
+            # one pass over every file (0.4 s for a million): in a thread, over a
+            # copy taken on the loop (a C-level copy, 40 ms for a million), so
+            # neither `kvfs status` nor a scrape ever stalls requests for it
+            index = self.ns.index.copy()
+            try:
+                self.sessions = await trio.to_thread.run_sync(metrics.session_usage, index)
+            except Exception as exc:  # a report only: it must never stop the mount
+                log.error("per-session use not counted", exc_info=exc)
             await trio.sleep(5)
 
     async def run_watch(self, task_status=trio.TASK_STATUS_IGNORED):

@@ -2,8 +2,8 @@
 
 The exporter keeps no counters of its own: at each scrape a collector asks
 the trio loop for the daemon's `status()` (the same numbers `kvfs status
---json` shows) and a copy of the namespace's size index, then turns them into
-`kvfs_*` metric families in the HTTP server's thread. Only the FUSE operation
+--json` shows), then turns it into `kvfs_*` metric families in the HTTP
+server's thread. Only the FUSE operation
 latencies are kept here, as real histograms, because `kvfs status` keeps
 means and peaks, from which no quantile can be had.
 
@@ -152,9 +152,9 @@ class OpLatency:
 class StatusCollector:
     """Turns a status snapshot into metric families at scrape time."""
 
-    def __init__(self, snapshot: Callable[[], tuple[dict, dict] | None]):
-        # SNAPSHOT is called from the scrape thread; it returns (status, index)
-        # or None while the mount is not up yet
+    def __init__(self, snapshot: Callable[[], dict | None]):
+        # SNAPSHOT is called from the scrape thread; it returns the status, or
+        # None while the mount is not up yet
         self.snapshot = snapshot
 
     def describe(self):
@@ -171,9 +171,8 @@ class StatusCollector:
             up.add_metric([], 0)
             yield up
             return
-        status, index = snap
         try:
-            out = list(families(status, session_usage(index)))
+            out = list(families(snap))
         except Exception:  # a bug: say where, and still answer the scrape
             log.exception("metrics: could not turn the status into metrics")
             out = []
@@ -182,7 +181,7 @@ class StatusCollector:
         yield from out
 
 
-def families(st: dict, sessions: dict):
+def families(st: dict):
     """Every number of a `kvfs status --json` document, as metric families."""
     info = InfoMetricFamily("kvfs", "The daemon: version, node, mountpoint, store, data path.")
     info.add_metric(
@@ -344,6 +343,9 @@ def families(st: dict, sessions: dict):
             gc["removed_bytes"],
         )
 
+    sessions = st.get("sessions")
+    if sessions is None:
+        return  # not counted yet (the first pass runs as the mount comes up)
     yield GaugeMetricFamily("kvfs_sessions", "Sessions holding files.", sessions["count"])
     files = GaugeMetricFamily(
         "kvfs_session_files", f"Files of the {TOP_SESSIONS} largest sessions.", labels=["session"]
@@ -378,7 +380,7 @@ class Exporter:
         ProcessCollector(registry=self.registry)  # CPU, memory, open descriptors
         self.server = None
 
-    def start(self, snapshot: Callable[[], tuple[dict, dict] | None]) -> None:
+    def start(self, snapshot: Callable[[], dict | None]) -> None:
         """Listen now (so a bad address fails the mount), serving SNAPSHOT's numbers."""
         self.registry.register(StatusCollector(snapshot))
         try:
@@ -401,7 +403,7 @@ class Exporter:
             self.server = None
 
 
-def loop_snapshot(token, fn: Callable[[], tuple[dict, dict] | None]):
+def loop_snapshot(token, fn: Callable[[], dict | None]):
     """A snapshot function for the scrape thread: FN runs on the trio loop, between
     two requests, so it sees no half-done change and needs no locks."""
 
@@ -412,7 +414,7 @@ def loop_snapshot(token, fn: Callable[[], tuple[dict, dict] | None]):
 
 
 @contextlib.asynccontextmanager
-async def serving(address: str, fn: Callable[[], tuple[dict, dict] | None]):
+async def serving(address: str, fn: Callable[[], dict | None]):
     """Serve `/metrics` at ADDRESS while the block runs; FN gives the numbers (on the loop)."""
     exporter = Exporter(address)
     await trio.to_thread.run_sync(

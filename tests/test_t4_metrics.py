@@ -85,9 +85,15 @@ def test_scrape_follows_file_operations(make_mount):
     assert value(after, "kvfs_fuse_operation_seconds_bucket", operation="create", le="+Inf") >= 2
     assert value(after, "kvfs_store_used_bytes", store=st["store"]["url"]) == len(data) + 1000
     assert value(after, "kvfs_store_files", store=st["store"]["url"]) == 2
-    assert value(after, "kvfs_session_files", session="chat-7") == 2
-    assert value(after, "kvfs_session_bytes", session="chat-7") == len(data) + 1000
-    assert value(after, "kvfs_sessions") == 1
+
+    # per-session use is counted off the loop, every 5 s
+    def session_counted():
+        s = scrape(port)
+        return value(s, "kvfs_session_bytes", session="chat-7") == len(data) + 1000 and s
+
+    counted = wait_for(session_counted, 12, 0.2, what="chat-7 counted")
+    assert value(counted, "kvfs_session_files", session="chat-7") == 2
+    assert value(counted, "kvfs_sessions") == 1
 
     # errors are counted per operation and errno
     with pytest.raises(OSError, match="not empty"):
@@ -102,7 +108,7 @@ def test_scrape_follows_file_operations(make_mount):
     for ep in st["etcd"]["endpoints"]:
         assert value(errs, "kvfs_etcd_endpoint_healthy", endpoint=ep["endpoint"]) in (0, 1)
     assert value(errs, "kvfs_etcd_watch_up") == 1
-    assert st["sessions"]["count"] == 1
+    assert st["sessions"]["count"] == 1  # counted: the scrape above saw it
     [top] = st["sessions"]["largest"]
     assert (top["session"], top["files"], top["bytes"]) == ("chat-7", 2, len(data) + 1000)
 
@@ -248,8 +254,13 @@ def test_dashboard_queries_only_metrics_that_exist(make_mount):
     m = make_mount("--metrics", str(port), "--capacity", "1G")
     (m.path / "s").mkdir()
     (m.path / "s" / "f").write_bytes(b"x")
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        text = r.read().decode()
+
+    def counted():  # per-session use is counted every 5 s
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        return "kvfs_session_bytes{" in text and text
+
+    text = wait_for(counted, 12, 0.2, what="session s counted")
     exported = {s.name for fam in text_string_to_metric_families(text) for s in fam.samples}
     exported |= set(
         re.findall(r"^# TYPE (\S+) counter", text, re.M)
