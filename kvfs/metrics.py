@@ -3,13 +3,14 @@
 The exporter keeps no counters of its own: at each scrape a collector asks
 the trio loop for the daemon's `status()` (the same numbers `kvfs status
 --json` shows), then turns it into `kvfs_*` metric families in the HTTP
-server's thread. Only the FUSE operation
-latencies are kept here, as real histograms, because `kvfs status` keeps
-means and peaks, from which no quantile can be had.
+server's thread. Only the FUSE operation latencies are kept here, as real
+histograms, because `kvfs status` keeps means and peaks, from which no
+quantile can be had.
 
 The HTTP server (prometheus_client's, a thread per request) runs beside the
-loop: a slow or stuck scraper never blocks a FUSE request, and a scrape that
-fails answers `kvfs_up 0` instead of an error page.
+loop: a slow or stuck scraper never blocks a FUSE request. A scrape the
+daemon cannot answer (its loop stuck for SCRAPE_TIMEOUT, or gone) still
+succeeds, with `kvfs_up 0`, so a hung mount shows on a dashboard.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -33,6 +35,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from .errors import KvfsError
 
 log = logging.getLogger(__name__)
+
+# Seconds a scrape waits for the daemon's loop before it reports kvfs_up 0;
+# Prometheus's own scrape timeout is 10 s by default.
+SCRAPE_TIMEOUT = 5.0
 
 # Sessions reported by name (in `kvfs status` and as labelled series): the
 # largest ones, so a scrape stays small however many sessions there are.
@@ -403,22 +409,42 @@ class Exporter:
             self.server = None
 
 
-def loop_snapshot(token, fn: Callable[[], dict | None]):
+def loop_snapshot(token, fn: Callable[[], dict | None], timeout: float = SCRAPE_TIMEOUT):
     """A snapshot function for the scrape thread: FN runs on the trio loop, between
-    two requests, so it sees no half-done change and needs no locks."""
+    two requests, so it sees no half-done change and needs no locks.
+
+    Not trio.from_thread.run_sync, which would wait forever on a stuck loop:
+    the scrape gives up after TIMEOUT seconds (the callback, when the loop
+    runs it at last, finds nobody waiting, which is harmless).
+    """
 
     def snapshot():
-        return trio.from_thread.run_sync(fn, trio_token=token)
+        done = threading.Event()
+        box: dict = {}
+
+        def call():  # on the loop: it must not raise, or trio itself would fail
+            try:
+                box["value"] = fn()
+            except Exception as exc:
+                box["error"] = exc
+            done.set()
+
+        token.run_sync_soon(call)  # trio.RunFinishedError once the loop is gone
+        if not done.wait(timeout):
+            raise TimeoutError(f"the daemon's event loop did not answer in {timeout:g} s")
+        if "error" in box:
+            raise box["error"]
+        return box["value"]
 
     return snapshot
 
 
 @contextlib.asynccontextmanager
-async def serving(address: str, fn: Callable[[], dict | None]):
+async def serving(address: str, fn: Callable[[], dict | None], timeout: float = SCRAPE_TIMEOUT):
     """Serve `/metrics` at ADDRESS while the block runs; FN gives the numbers (on the loop)."""
     exporter = Exporter(address)
     await trio.to_thread.run_sync(
-        exporter.start, loop_snapshot(trio.lowlevel.current_trio_token(), fn)
+        exporter.start, loop_snapshot(trio.lowlevel.current_trio_token(), fn, timeout)
     )
     try:
         yield exporter

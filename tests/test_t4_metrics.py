@@ -5,17 +5,19 @@ import os
 import re
 import socket
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
+import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from kvfs.config import load_config
 from kvfs.errors import KvfsError
-from kvfs.metrics import parse_address, session_usage
+from kvfs.metrics import parse_address, serving, session_usage
 
 from kvfstest import KVFS, free_port, wait_for
 
@@ -149,12 +151,13 @@ def test_bad_metrics_address_fails_the_mount(make_mount):
 
 
 def test_scrapes_never_stall_the_mount(make_mount):
-    """Scrapes run beside the loop: many at once, while files are written."""
-    import threading
-
+    """Scrapes run beside the loop: many at once while files are written, and
+    one that never finishes sending its request holds up nothing."""
     port = free_port()
     m = make_mount("--metrics", str(port))
     (m.path / "s").mkdir()
+    stuck = socket.create_connection(("127.0.0.1", port))
+    stuck.sendall(b"GET /metrics HTTP/1.1\r\n")  # and never the rest
     stop = threading.Event()
     failures = []
 
@@ -178,6 +181,31 @@ def test_scrapes_never_stall_the_mount(make_mount):
             t.join(30)
     assert not failures, failures
     assert wait_for(lambda: value(scrape(port), "kvfs_commits_total") == 30, what="30 commits")
+    stuck.close()
+
+
+def test_a_stuck_loop_scrapes_as_down(kvfs_mount):
+    """The exporter over a trio loop that stops answering (as a hung daemon's
+    would): the scrape still succeeds, with kvfs_up 0, and recovers with it."""
+    st = kvfs_mount.status()  # a real status document to serve
+    port = free_port()
+    seen = []
+
+    async def main():
+        async with serving(f"127.0.0.1:{port}", lambda: st, timeout=0.5):
+            seen.append(await trio.to_thread.run_sync(scrape, port))
+            during = []
+            t = threading.Thread(target=lambda: during.append(scrape(port)))
+            t.start()
+            time.sleep(2)  # blocks the loop, longer than the scrape waits
+            await trio.to_thread.run_sync(t.join, 10)
+            seen.extend(during)
+            seen.append(await trio.to_thread.run_sync(scrape, port))
+
+    trio.run(main)
+    assert [value(s, "kvfs_up") for s in seen] == [1, 0, 1]
+    assert value(seen[0], "kvfs_commits_total") == st["counters"]["commits"]
+    assert ("kvfs_commits_total", ()) not in seen[1]  # nothing made up while down
 
 
 def test_parse_address():
