@@ -305,6 +305,8 @@ def families(st: dict):
     ):
         yield CounterMetricFamily(name, doc, value=etcd.get(key, 0))
 
+    yield from ssd_cache_families(st.get("ssd_cache"))
+
     scrub = st["scrub"]
     yield GaugeMetricFamily(
         "kvfs_scrub_running", "1 while a scrub pass runs.", value=1 if scrub["running"] else 0
@@ -371,6 +373,53 @@ def families(st: dict):
     yield files
     yield size
     yield last
+
+
+# Counts of the SSD cache's status (kvfs/store/cached.py); its other numbers
+# (used, capacity, objects, queued prefetches) are levels, exported as gauges.
+SSD_CACHE_COUNTERS = {
+    "hits": "Reads of objects the SSD cache held.",
+    "misses": "Reads of objects it did not hold.",
+    "fills": "Objects copied into it from the store.",
+    "evictions": "Objects evicted to stay within its size.",
+    "prefetched": "Objects fetched ahead of their first read.",
+    "prefetch_errors": "Prefetches that failed.",
+    "uncacheable": "Objects too large for it, read from the store directly.",
+}
+
+
+def ssd_cache_families(ssd: dict | None):
+    """The SSD cache in front of a remote store, labelled by its directory."""
+    if not ssd:
+        return  # no SSD cache on this mount
+    label = [str(ssd.get("dir"))]
+    for key, v in ssd.items():
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            continue  # the directory, the last error, the prefetcher's own dict
+        if key in SSD_CACHE_COUNTERS:
+            m = CounterMetricFamily(
+                f"kvfs_ssd_cache_{key}", SSD_CACHE_COUNTERS[key], labels=["cache_dir"]
+            )
+        else:
+            unit = "_bytes" if key in ("used", "capacity") else ""
+            m = GaugeMetricFamily(
+                f"kvfs_ssd_cache_{key}{unit}", f"The SSD cache's {key}.", labels=["cache_dir"]
+            )
+        m.add_metric(label, v)
+        yield m
+    prefetch = ssd.get("prefetch") or {}
+    if "hints_dropped" in prefetch:
+        yield CounterMetricFamily(
+            "kvfs_prefetch_hints_dropped",
+            "Opens whose following layers were not prefetched: the queue was full.",
+            value=prefetch["hints_dropped"],
+        )
+    if "layers_ahead" in prefetch:
+        yield GaugeMetricFamily(
+            "kvfs_prefetch_layers_ahead",
+            "Layers fetched ahead of an open.",
+            value=prefetch["layers_ahead"],
+        )
 
 
 class Exporter:

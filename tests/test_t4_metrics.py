@@ -267,7 +267,7 @@ def test_gc_says_what_it_removed(make_mount):
     assert value(samples, "kvfs_expiries_total") == 5
 
 
-def test_dashboard_queries_only_metrics_that_exist(make_mount):
+def test_dashboard_queries_only_metrics_that_exist(make_mount, tmp_path):
     """docs/grafana-kvfs.json asks for nothing a daemon or the connector does not export."""
     from kvfs_connector.counters import FIELDS
 
@@ -279,7 +279,8 @@ def test_dashboard_queries_only_metrics_that_exist(make_mount):
         for target in panel.get("targets", []):
             queried |= set(re.findall(r"(?:vllm:)?kvfs_\w+|process_\w+", target["expr"]))
     port = free_port()
-    m = make_mount("--metrics", str(port), "--capacity", "1G")
+    # every optional part on, so every family the dashboard may ask for is there
+    m = make_mount("--metrics", str(port), "--capacity", "1G", "--ssd-cache", str(tmp_path / "ssd"))
     (m.path / "s").mkdir()
     (m.path / "s" / "f").write_bytes(b"x")
 
@@ -297,3 +298,29 @@ def test_dashboard_queries_only_metrics_that_exist(make_mount):
     exported |= {f"vllm:kvfs_{name}_total" for name in FIELDS}
     assert len(queried) > 30
     assert queried <= exported, sorted(queried - exported)
+
+
+def test_ssd_cache_tier_is_exported(make_mount, tmp_path):
+    port = free_port()
+    cache = tmp_path / "ssd"
+    m = make_mount("--metrics", str(port), "--ssd-cache", str(cache), "--prefetch")
+    (m.path / "s").mkdir()
+    (m.path / "s" / "l0").write_bytes(b"k" * 5000)
+    before = scrape(port)
+    for _ in range(3):
+        assert (m.path / "s" / "l0").read_bytes() == b"k" * 5000
+    after = scrape(port)
+    st = m.status()["ssd_cache"]
+
+    def v(samples, name):
+        return value(samples, name, cache_dir=str(cache))
+
+    reads = v(after, "kvfs_ssd_cache_hits_total") + v(after, "kvfs_ssd_cache_misses_total")
+    assert (
+        reads - v(before, "kvfs_ssd_cache_hits_total") - v(before, "kvfs_ssd_cache_misses_total")
+        >= 1
+    )
+    assert v(after, "kvfs_ssd_cache_hits_total") == st["hits"]
+    assert v(after, "kvfs_ssd_cache_used_bytes") == st["used"] > 0
+    assert v(after, "kvfs_ssd_cache_capacity_bytes") == st["capacity"]
+    assert value(after, "kvfs_prefetch_layers_ahead") == st["prefetch"]["layers_ahead"]
