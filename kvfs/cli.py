@@ -265,14 +265,14 @@ def cmd_gc(args) -> int:
     bar = Progress("kvfs gc", 0)
     while t.is_alive():
         t.join(0.2)
-        gc = read_status(args.mountpoint)["expiry"].get("pass", {})
+        gc = read_status(args.mountpoint).get("gc", {})
         if gc.get("running") and gc.get("total"):
             bar(gc["done"], gc["total"])
     if failed:
         raise KvfsError(f"gc: {os.strerror(failed[0].errno)}")
     st = read_status(args.mountpoint)
-    gc = st["expiry"].get("pass")
-    if not gc or "removed_files" not in gc:  # a daemon from before `pass` existed
+    gc = st.get("gc")
+    if not gc or "removed_files" not in gc:  # a daemon from before `gc` existed
         print(f"kvfs: expired {st['counters']['expiries'] - before} entries")
         return 0
     if gc["total"]:

@@ -209,8 +209,9 @@ class Daemon:
                 "cleanup_interval_s": self.cfg.cleanup_interval,
                 "touch_on_read": self.cfg.touch_on_read,
                 "last_gc": self.last_gc,
-                "pass": self.gc_state,
             },
+            # this daemon's current or last expiry pass: progress, what it removed
+            "gc": self.gc_state,
             # up to 5 s old (run_health); None until first computed
             "sessions": self.sessions,
         }

@@ -335,7 +335,7 @@ def families(st: dict):
             expiry["last_gc"],
         )
 
-    gc = expiry.get("pass") or {}
+    gc = st.get("gc") or {}
     yield GaugeMetricFamily(
         "kvfs_gc_running", "1 while an expiry pass runs.", value=1 if gc.get("running") else 0
     )
