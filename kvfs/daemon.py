@@ -154,6 +154,8 @@ class Daemon:
                 "entries": len(ns.index),
                 "medium_total": usage.total if usage else None,
                 "medium_free": usage.free if usage else None,
+                # a remote store's (or the SSD cache's) last failure, timestamped
+                "last_error": _last_store_error(self.store),
             },
             "counters": {
                 k: ns.counters.get(k, 0)
@@ -163,6 +165,10 @@ class Daemon:
                     "files_written",
                     "bytes_written",
                     "commits",
+                    # commits that shared an etcd transaction, and those transactions
+                    "group_commit_files",
+                    "group_commits",
+                    "links",
                     "deletes",
                     "expiries",
                     "evictions",
@@ -392,11 +398,20 @@ class Daemon:
         token = trio.lowlevel.current_trio_token()
         send, recv = trio.open_memory_channel(math.inf)
 
-        def deliver(item):
+        def put(item):
             try:
-                trio.from_thread.run_sync(send.send_nowait, item, trio_token=token)
-            except (trio.RunFinishedError, trio.ClosedResourceError, trio.BrokenResourceError):
-                pass  # a stream from an earlier round, or we are shutting down
+                send.send_nowait(item)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                pass  # a stream from an earlier round
+
+        def deliver(item):
+            # handed over without waiting for the loop (the channel is
+            # unbounded and keeps the order): the watch thread never stalls
+            # on a busy daemon, and the loop pays no wake-up per reply
+            try:
+                token.run_sync_soon(put, item)
+            except trio.RunFinishedError:
+                pass  # we are shutting down
 
         with recv:  # closed on the way out: late items of this stream are dropped
             try:
@@ -557,6 +572,13 @@ class Daemon:
         # returns once the kernel has let go of the mount (fusermount3 -u)
         await pyfuse3.main()
         nursery.cancel_scope.cancel()
+
+
+def _last_store_error(store) -> str | None:
+    """The latest `last_error` of STORE or the store behind its SSD cache."""
+    errors = [getattr(s, "last_error", None) for s in (store, getattr(store, "inner", None))]
+    errors = [e for e in errors if e]
+    return max(errors) if errors else None  # each starts with its time
 
 
 def mount(cfg: Config, mountpoint: str, on_ready=None) -> None:

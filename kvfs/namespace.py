@@ -56,6 +56,20 @@ XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
 DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable
 LATER_MAX = 100_000  # background jobs waiting; beyond it one is skipped (and logged)
 CAS_ATTEMPTS = 20  # compare-and-swap rounds before a hot entry is reported as a conflict
+GROUP_MAX = 60  # commits in one etcd transaction (etcd allows 128 operations)
+
+
+class _CommitSlot:
+    """One commit waiting for (or in) a group transaction."""
+
+    __slots__ = ("entry", "done", "prev", "error", "wake")
+
+    def __init__(self, entry: Entry):
+        self.entry = entry
+        self.done = False
+        self.prev: Entry | None = None
+        self.error: BaseException | None = None
+        self.wake = trio.Event()
 
 
 class Namespace:
@@ -93,6 +107,10 @@ class Namespace:
         self.index_complete = False
         self._index_changed: dict | None = None  # set while load_index reads etcd
         self._later: list[tuple] = []  # heap of (due, seq, fn, what)
+        # group commit: commits that arrive while a transaction is in flight
+        # wait and go together in the next one
+        self._commit_queue: list[_CommitSlot] = []
+        self._committing = False
         self._later_seq = 0
         self._later_wake = trio.Event()
         self.memory_backed = bool(getattr(store, "memory_backed", False))
@@ -155,10 +173,12 @@ class Namespace:
                     await self._later_wake.wait()
                 self._later_wake = trio.Event()
                 continue
-            _, _, fn, what = heapq.heappop(self._later)
-            try:
-                await self.call_io(fn)
-            except KvfsError as exc:
+            # every job due now in one worker-thread trip: under a stream of
+            # commits, each leaves one (its intent record) and the trips add up
+            now, due = time.monotonic(), []
+            while self._later and self._later[0][0] <= now and len(due) < 256:
+                due.append(heapq.heappop(self._later)[2:])
+            for what, exc in await self.call_io(_run_jobs, due):
                 log.warning("background %s failed: %s", what, exc)
 
     # -- for the filesystem: the store and the counters ---------------------------
@@ -647,7 +667,7 @@ class Namespace:
 
         entry = await self.call_io(seal)
         try:
-            prev = await self.call_meta(self.meta.commit, entry)
+            prev = await self._publish_version(entry)
         except MetaUnavailable:
             # etcd may or may not have applied it: leave the intent record, the
             # next start of this node settles it against etcd
@@ -667,6 +687,78 @@ class Namespace:
         self.counters["files_written"] += 1
         self.counters["bytes_written"] += entry.size
         return entry
+
+    async def _publish_version(self, entry: Entry) -> Entry | None:
+        """Publish a sealed version; commits arriving meanwhile share a transaction.
+
+        The first commit to find no transaction in flight leads: it publishes
+        everything queued in one etcd transaction, then hands the lead to the
+        next waiting commit, which takes all that queued meanwhile. One writer
+        pays one round trip as before; many writers share them.
+        """
+        slot = _CommitSlot(entry)
+        self._commit_queue.append(slot)
+        while not slot.done:
+            if self._committing:
+                await slot.wake.wait()
+                slot.wake = trio.Event()
+                continue
+            self._committing = True
+            try:
+                with trio.CancelScope(shield=True):  # others' commits ride on this round
+                    await self._commit_round()
+            finally:
+                self._committing = False
+                if self._commit_queue:
+                    self._commit_queue[0].wake.set()  # the next round's leader
+        if slot.error is not None:
+            raise slot.error
+        return slot.prev
+
+    async def _commit_round(self) -> None:
+        batch, names, rest = [], set(), []
+        for slot in self._commit_queue:
+            key = (slot.entry.session, slot.entry.name)
+            # one name twice in a transaction is refused: the later waits a round
+            if len(batch) < GROUP_MAX and key not in names:
+                batch.append(slot)
+                names.add(key)
+            else:
+                rest.append(slot)
+        self._commit_queue = rest
+        if len(batch) > 1:
+            self.counters["group_commits"] += 1
+            self.counters["group_commit_files"] += len(batch)
+        try:
+            try:
+                await self._commit_group(batch)
+            except NotFound:
+                # a session of one of them is gone: those fail, the rest go again
+                gone = set()
+                for session in {slot.entry.session for slot in batch}:
+                    if await self.call_meta(self.meta.get_session, session) is None:
+                        gone.add(session)
+                for slot in batch:
+                    if slot.entry.session in gone:
+                        slot.error = NotFound(f"no session {slot.entry.session}")
+                await self._commit_group([s for s in batch if s.entry.session not in gone])
+        except BaseException as exc:
+            for slot in batch:
+                if slot.error is None:
+                    slot.error = exc
+        for slot in batch:
+            slot.done = True
+            slot.wake.set()
+
+    async def _commit_group(self, batch: list[_CommitSlot]) -> None:
+        if not batch:
+            return
+        if len(batch) == 1:
+            prevs = [await self.call_meta(self.meta.commit, batch[0].entry)]
+        else:
+            prevs = await self.call_meta(self.meta.commit_many, [s.entry for s in batch])
+        for slot, prev in zip(batch, prevs, strict=True):
+            slot.prev = prev
 
     # -- scrub: stored bytes checked at rest -------------------------------------------
 
@@ -845,6 +937,17 @@ class Namespace:
         if n:
             log.info("expired %d entries idle for more than %ss", n, self.ttl)
         return n
+
+
+def _run_jobs(jobs) -> list:
+    """Blocking: run (fn, what) jobs in turn; the (what, error) of each that failed."""
+    failed = []
+    for fn, what in jobs:
+        try:
+            fn()
+        except KvfsError as exc:
+            failed.append((what or fn, exc))
+    return failed
 
 
 def _links_of(entries: list[Entry]) -> list:

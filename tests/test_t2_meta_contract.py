@@ -86,6 +86,21 @@ def test_change_entries_is_one_compare_and_swap(meta):
     assert meta.get_entry("t", "b") is None and meta.get_entry("s", "a").links == []
 
 
+def test_commit_many_publishes_a_group_or_nothing(meta):
+    meta.create_session(SessionInfo("s"))
+    meta.create_session(SessionInfo("t"))
+    meta.commit(Entry("s", "a", object="old"))
+    prevs = meta.commit_many(
+        [Entry("s", "a", object="a2"), Entry("s", "b", object="b1"), Entry("t", "c", object="c1")]
+    )
+    assert [p.object if p else None for p in prevs] == ["old", None, None]
+    assert meta.get_entry("t", "c").object == "c1" and meta.get_entry("s", "a").object == "a2"
+    with pytest.raises(NotFound):
+        meta.commit_many([Entry("s", "d", object="d1"), Entry("gone", "e", object="e1")])
+    if isinstance(meta, EtcdMeta):  # one transaction: all or nothing
+        assert meta.get_entry("s", "d") is None
+
+
 def test_watch_sees_changes(meta):
     seen = []
     done = threading.Event()

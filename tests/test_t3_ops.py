@@ -18,6 +18,7 @@ from kvfs.fs import ROOT, Operations
 from kvfs.meta import MemoryMeta
 from kvfs.metacache import MetaCache
 from kvfs.namespace import Namespace
+from kvfs.records import Entry
 from kvfs.store.local import LocalStore
 from kvfs.store.memory import MemoryStore
 
@@ -643,5 +644,60 @@ def test_a_linked_file_expires_whole(fs):
         assert await ns.expire(now_ns=time.time_ns() + int(ns.ttl * 1e9) + 10**9) >= 2
         assert await ns.get_entry_uncached("t", "b") is None
         assert await data_objects(store) == set()
+
+    fs(body)
+
+
+def test_commits_at_the_same_moment_share_a_transaction(fs):
+    # group commit: 8 writers closing together pay far fewer etcd round trips,
+    # and a commit into a removed session fails alone
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        g = await ops.mkdir(ROOT, b"gone", 0o755, CTX)
+        ops.writes.owner_closed = lambda h: True
+        calls = []
+        commit, commit_many = ns.meta.commit, ns.meta.commit_many
+
+        def slow(fn):
+            def call(*args, **kw):
+                calls.append(fn.__name__)
+                time.sleep(0.05)  # one etcd round trip
+                return fn(*args, **kw)
+
+            return call
+
+        ns.meta.commit, ns.meta.commit_many = slow(commit), slow(commit_many)
+        handles = []
+        for i in range(8):
+            fi, attr = await ops.create(s.st_ino, f"f{i}".encode(), 0o644, os.O_WRONLY, CTX)
+            await ops.write(fi.fh, 0, b"x%d" % i)
+            handles.append((fi.fh, attr.st_ino))
+        fg, ag = await ops.create(g.st_ino, b"lost", 0o644, os.O_WRONLY, CTX)
+        await ops.write(fg.fh, 0, b"y")
+        outcomes = {}
+
+        async def close(fh, name):
+            try:
+                await ops.flush(fh)
+                outcomes[name] = 0
+            except pyfuse3.FUSEError as exc:
+                outcomes[name] = exc.errno
+
+        commit(Entry("s", "first", object="o"))  # one commit already in flight
+        commit.__self__.delete_session("gone")  # removed behind the writer's back
+        async with trio.open_nursery() as nursery:
+            for i, (fh, _) in enumerate(handles):
+                nursery.start_soon(close, fh, f"f{i}")
+            nursery.start_soon(close, fg.fh, "lost")
+        assert outcomes == {f"f{i}": 0 for i in range(8)} | {"lost": errno.ENOENT}
+        assert len(calls) <= 4 and "commit_many" in calls, calls
+        assert ns.counters["group_commits"] >= 1
+        for i in range(8):
+            assert (await ns.get_entry_uncached("s", f"f{i}")).size == 2
+        for fh, ino in handles:
+            await ops.release(fh)
+            await ops.forget([(ino, 1)])
+        await ops.release(fg.fh)
+        await ops.forget([(ag.st_ino, 1)])
 
     fs(body)

@@ -279,8 +279,11 @@ class Writes:
             raise failed if isinstance(failed, KvfsError) else KvfsError(str(failed), errno.EIO)
 
     async def _dirty(self, p) -> bool:
-        # a passthrough-written file is compared with the staged file (fstat)
-        return await self.ns.call_io(lambda: p.dirty)
+        # A passthrough-written file is compared with the staged file: one
+        # fstat of a file this daemon created, answered from the inode in
+        # memory, cheaper than the worker-thread trip it once took.
+        await trio.lowlevel.checkpoint()
+        return p.dirty
 
     def owner_closed(self, h: Handle) -> bool:
         if not self.mountpoint or not h.owner:

@@ -68,6 +68,15 @@ class Meta(ABC):
         the current entry's revision differs (0 = absent). Sets ENTRY.rev.
         """
 
+    def commit_many(self, entries: list[Entry]) -> list[Entry | None]:
+        """Publish several new versions of distinct names at once (group commit).
+
+        Returns the entry each replaced. If any session is gone nothing is
+        published and NotFound is raised: the caller commits one by one to
+        learn which. This default is one commit each; etcd does one transaction.
+        """
+        return [self.commit(e) for e in entries]
+
     @abstractmethod
     def delete_entry(self, session: str, name: str, expect_rev: int | None = None) -> Entry | None:
         """Remove an entry; returns it (None if absent). Conflict as for commit."""

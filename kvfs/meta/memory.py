@@ -129,6 +129,13 @@ class MemoryMeta(Meta):
             self._emit(events)
             return Entry.from_json(entry.session, entry.name, prev[0]) if prev else None
 
+    def commit_many(self, entries: list[Entry]) -> list[Entry | None]:
+        with self._lock:  # all or nothing, as etcd's one transaction
+            for e in entries:
+                if e.session not in self._sessions:
+                    raise NotFound(f"no session {e.session}")
+            return [MemoryMeta.commit(self, e) for e in entries]
+
     def delete_entry(self, session: str, name: str, expect_rev: int | None = None) -> Entry | None:
         with self._lock:
             prev = self._entries.get((session, name))
