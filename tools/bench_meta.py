@@ -114,7 +114,7 @@ def main(argv=None) -> int:
                 f"direct {rates['direct']:,.0f}/s, ratio {rates['mount'] / rates['direct']:.2f}"
             )
 
-        for kind, root in (("direct", direct), ("mount", mnt)):
+        for root in (direct, mnt):
             make_listing(os.path.join(root, "big"), a.listing)
         m.close()
         m.open()  # nothing cached: the first `ls -l` asks etcd
