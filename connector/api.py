@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from .cachedir import CacheDir, NotMounted
+from .cachedir import CacheDir, NotMounted, shared_index
 from .chunkfile import DTYPES, ChunkError, ChunkFile, chunk_metadata, tensor_bytes
 from .counters import Counters
 from .keys import KeySpace, chain_root, derived_session, token_chain, valid_session
@@ -131,6 +131,9 @@ class KVEngine:
             dir_mode=config.dir_mode,
             counters=self.counters,
         )
+        # As the vLLM connector: sessions find each other's chunks through the
+        # index directory of this key space (on a checked kvfs mount).
+        self.index = shared_index(self.cache, self.space, self.cache.log)
         self.mover = Mover(config.io_threads, config.host_buffer_bytes)
 
     def close(self) -> None:
@@ -143,7 +146,28 @@ class KVEngine:
             if not valid_session(session):
                 raise ValueError(f"bad session name {session!r}")
             return session
-        return derived_session(self.config.model_id, links[0]) if links else None
+        if not links:
+            return None
+        return self.index or derived_session(self.config.model_id, links[0])
+
+    def _where(self, name: str, i: int, link: bytes) -> str | None:
+        """Where chunk i's file is: the session's, else the index's, else None."""
+        file = self._file(i, link)
+        if self.cache.exists(name, file):
+            return name
+        if self.index is not None and name != self.index and self.cache.exists(self.index, file):
+            return self.index
+        return None
+
+    def _take(self, name: str, i: int, link: bytes) -> bool:
+        """Give session `name` its own name for the index's chunk i (a
+        cross-session hit it keeps); False if that failed."""
+        if self.index is None or name == self.index:
+            return False
+        if self.cache.link(self.index, self._file(i, link), name):
+            self.counters.add("linked_files", 1)
+            return True
+        return False
 
     def cached_tokens(self, token_ids: Sequence[int], session: str | None = None) -> int:
         """How many leading tokens have chunk files (not yet validated)."""
@@ -152,7 +176,7 @@ class KVEngine:
         if name is None or not self.cache.live():
             return 0
         n = 0
-        while n < len(links) and self.cache.exists(name, self.space.file_name(n, links[n])):
+        while n < len(links) and self._where(name, n, links[n]) is not None:
             n += 1
         return n * self.config.chunk_size
 
@@ -197,9 +221,12 @@ class KVEngine:
         name = self._session(links, session)
         if name is None or not self.cache.live():
             return 0
-        todo = [
-            i for i, link in enumerate(links) if not self.cache.exists(name, self._file(i, link))
-        ]
+        todo = []
+        for i, link in enumerate(links):
+            where = self._where(name, i, link)
+            # stored by another session: this one takes a name, not a copy
+            if where is None or (where != name and not self._take(name, i, link)):
+                todo.append(i)
         if not todo:
             return 0
         kvs = [kv.detach() for kv in kv_caches]
@@ -243,6 +270,8 @@ class KVEngine:
                     self.space, name, i, links[i], parent, tokens, self.layer_names
                 )
                 n = self.cache.write(name, self._file(i, links[i]), tensors, meta)
+                if self.index is not None and name != self.index:
+                    self.cache.link(name, self._file(i, links[i]), self.index)
                 return C if n is not None else 0
             finally:
                 buffers.put(buf)
@@ -325,7 +354,7 @@ class KVEngine:
         name = self._session(links, session)
         if name is None or not self.cache.live():
             return miss
-        files, shape, errors = self._open_prefix(name, links)
+        files, shape, errors, borrowed = self._open_prefix(name, links)
         if not files:
             miss.errors = errors
             return miss
@@ -337,6 +366,9 @@ class KVEngine:
         if n_ok == 0:
             miss.errors = errors
             return miss
+        for i in sorted(borrowed):
+            if i < n_ok:  # read and checked: the session keeps what it used
+                self._take(name, i, links[i])
         return RetrieveResult(RetrieveStatus.HIT, n_ok * cfg.chunk_size, kv, errors)
 
     def _open_prefix(self, name: str, links: list[bytes]):
@@ -347,8 +379,16 @@ class KVEngine:
         root = chain_root()
         dtype = DTYPES_BY_NAME[cfg.dtype]
 
+        borrowed: set[int] = set()  # chunks opened from the index
+
         def open_one(i: int) -> tuple[ChunkFile, tuple[int, ...]]:
-            f = self.cache.open(name, self._file(i, links[i]))
+            try:
+                f = self.cache.open(name, self._file(i, links[i]))
+            except ChunkError as e:
+                if e.reason != "missing" or self.index is None or name == self.index:
+                    raise
+                f = self.cache.open(self.index, self._file(i, links[i]))
+                borrowed.add(i)
             try:
                 f.expect(self.space.header(links[i], links[i - 1] if i else root))
                 specs = []
@@ -374,7 +414,7 @@ class KVEngine:
         errors: list[str] = []
         shape = None
         if not links:
-            return files, shape, errors
+            return files, shape, errors, borrowed
         results: list[Future] = []
         first = Future()
         try:
@@ -406,7 +446,7 @@ class KVEngine:
                 continue
             shape = s
             files.append(f)
-        return files, shape, errors
+        return files, shape, errors, borrowed
 
     def _read_prefix(self, files: list[ChunkFile], shape, device: torch.device, errors):
         """Read every opened chunk into one [layers, ...] tensor on `device`;

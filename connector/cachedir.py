@@ -15,10 +15,14 @@ import torch
 
 from .chunkfile import ChunkFile, write_chunk
 from .counters import Counters
+from .keys import KeySpace, valid_session
 
 FUSE_SUPER_MAGIC = 0x65735546  # statfs f_type of every FUSE filesystem
 STORE_XATTR = "user.kvfs.store"  # set on the root of a kvfs mount, by kvfs only
 PASSTHROUGH_XATTR = "user.kvfs.passthrough"  # "on" when the kernel reads files itself
+# b"1" on a session directory that is an index: kvfs removes a file whose only
+# names left are in index directories, so an index finds files, never keeps them
+INDEX_XATTR = "user.kvfs.index"
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -61,8 +65,16 @@ class CacheDir:
         dir_mode: int = 0o700,
         counters: Counters | None = None,
         log: logging.Logger | None = None,
+        shared: bool | None = None,
     ):
         self.root = root
+        # Sessions share chunks through index directories only on a checked
+        # kvfs mount: elsewhere an index's names would keep every file alive
+        # after `rm -r` of its session.
+        self.shared = require_kvfs if shared is None else shared
+        self._indexes: set[str] = set()  # sessions that are index directories
+        self._marked: set[str] = set()  # index directories seen marked as such
+        self._link_failed: set[int | None] = set()  # errnos of failed links, logged once
         self.require_kvfs = require_kvfs
         self.passthrough = False  # learnt from the mount's root at the first check
         self.file_mode = file_mode
@@ -129,15 +141,79 @@ class CacheDir:
 
     # -- writing -----------------------------------------------------------------
 
+    def declare_index(self, session: str) -> None:
+        """`session` is an index directory: marked as one (user.kvfs.index=1)
+        whenever this process creates it or first writes or links into it."""
+        self._indexes.add(session)
+
     def _session_dir(self, session: str) -> str:
         d = os.path.join(self.root, session)
         try:
             os.mkdir(d, self.dir_mode)
         except FileExistsError:
+            if session in self._indexes and session not in self._marked:
+                self._mark_index(d, session)
             return d
         if self.dir_mode & 0o077:  # shared on purpose: the umask must not undo it
             os.chmod(d, self.dir_mode)
+        if session in self._indexes:
+            self._mark_index(d, session)
         return d
+
+    def _mark_index(self, d: str, session: str) -> None:
+        """Mark `d` an index, and read the mark back: a kvfs without index
+        directories accepts any user.kvfs.* attribute and keeps none, and there
+        an index would keep every file alive. Raises OSError if not marked."""
+        try:
+            marked = os.getxattr(d, INDEX_XATTR) == b"1"
+        except OSError:
+            marked = False
+        if not marked:
+            os.setxattr(d, INDEX_XATTR, b"1")
+            if os.getxattr(d, INDEX_XATTR) != b"1":
+                raise OSError(errno.ENOTSUP, "this kvfs has no index directories", d)
+        self._marked.add(session)
+
+    def link(self, src_session: str, name: str, dst_session: str, replace: bool = False) -> bool:
+        """Give the chunk file `src_session/name` a second name, `dst_session/name`:
+        one file, one copy of its bytes, as `ln`. True if the name exists
+        afterwards, whoever made it (another worker may link first: EEXIST);
+        with `replace`, an existing name is first removed (it may hold a damaged
+        file). False if the link failed: the chunk is then not shared, nothing
+        else changes. Raises NotMounted, never linking outside a live mount."""
+        self.check()
+        try:
+            dst = os.path.join(self._session_dir(dst_session), name)
+            src = self.path(src_session, name)
+            try:
+                os.link(src, dst)
+            except FileExistsError:
+                if not replace:
+                    return True
+                try:
+                    os.unlink(dst)
+                except FileNotFoundError:
+                    pass
+                try:
+                    os.link(src, dst)
+                except FileExistsError:
+                    return True  # another worker's repair, just as new
+        except OSError as e:
+            self.counters.add("link_errors", 1)
+            # once per kind of failure: a source removed meanwhile (rm -r of its
+            # session) is routine, the same error on every chunk would flood
+            level = logging.DEBUG if e.errno in self._link_failed else logging.WARNING
+            self._link_failed.add(e.errno)
+            self.log.log(
+                level,
+                "kvfs: linking %s/%s into %s failed, not shared: %s",
+                src_session,
+                name,
+                dst_session,
+                e.strerror or e,
+            )
+            return False
+        return True
 
     def write(
         self,
@@ -154,3 +230,16 @@ class CacheDir:
         if not replace and os.path.exists(path):
             return None
         return write_chunk(path, tensors, metadata, mode=self.file_mode)
+
+
+def shared_index(cache: CacheDir, space: KeySpace, log: logging.Logger) -> str | None:
+    """The index directory of `space`'s configuration, declared to `cache`; None
+    where sessions do not share (not a checked kvfs mount)."""
+    if not cache.shared:
+        return None
+    name = space.index_session()
+    if not valid_session(name):  # a model name no slug could tame: no sharing
+        log.warning("kvfs: index name %r is not a valid session name, sessions do not share", name)
+        return None
+    cache.declare_index(name)
+    return name

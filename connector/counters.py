@@ -27,6 +27,9 @@ FIELDS = {
     "save_dropped": "Chunks not written because the writer was too far behind.",
     "save_discarded": "Chunks not written because they were computed on a failed load.",
     "save_errors": "Chunks not written because of an error.",
+    "linked_files": "Chunk files a session took from the index (stored by another "
+    "session or request): linked, one copy of the bytes, not written again.",
+    "link_errors": "Links into a session or the index that failed (the chunk is then not shared).",
     "save_stall_seconds": "Time the forward pass spent copying KV out for saving.",
     "save_write_seconds": "Time the background writer spent writing files.",
     "mount_errors": "Lookups, loads and saves refused: the mount path was not a live kvfs.",

@@ -108,6 +108,25 @@ class KeySpace:
             "parent": parent.hex(),
         }
 
+    def index_session(self) -> str:
+        """The index directory shared by every session of this configuration:
+        `<model>-index-<hash>`. The hash covers what the key space does except
+        the rank and its layers, so all ranks of one deployment (whose files
+        differ by rank tag and key) use one index, and another model, dtype,
+        layout, chunk size or parallel layout another."""
+        parts = [
+            FORMAT,
+            self.model,
+            self.dtype,
+            self.layout,
+            str(self.chunk_size),
+            f"tp{self.tp_size}",
+            f"pp{self.pp_size}",
+            *(f"{k}={v}" for k, v in self.extra if k != "layers"),
+        ]
+        digest = _h(*(p.encode() for p in parts)).hex()[:12]
+        return f"{model_slug(self.model)}-index-{digest}"
+
     def rank_tag(self) -> str:
         tag = f"tp{self.tp_rank}"
         if self.pp_size > 1:

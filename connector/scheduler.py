@@ -15,7 +15,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 
-from .cachedir import CacheDir
+from .cachedir import CacheDir, shared_index
 from .counters import Counters
 from .fingerprint import weights_fingerprint
 from .keys import KeySpace, chain, chain_root, derived_session, token_chain, valid_session
@@ -104,6 +104,9 @@ class SchedulerSide:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvfs-lookup")
         self._block_ids_of: Callable[[str], list[int]] = lambda req_id: []
         self._unresolved_lora: set[str] = set()
+        # Every session of this configuration shares one index directory:
+        # lookups look in the request's session, then in the index.
+        self.index = shared_index(self.cache, spaces[0], log)
 
     def bind(self, block_ids_of: Callable[[str], list[int]]) -> None:
         """How to find a request's blocks (vLLM's KV cache manager knows)."""
@@ -144,7 +147,9 @@ class SchedulerSide:
         if session is None:
             if not links:
                 return None  # shorter than a chunk: nothing to cache
-            session = derived_session(self.spaces[0].model, links[0])
+            # No session named: the chunks go into the index itself (they live
+            # until they expire), or, not sharing, a session of its first chunk.
+            session = self.index or derived_session(self.spaces[0].model, links[0])
         root = chain_root(extra)
         loadable = max(0, len(prompt) - 1) // self.chunk
         tail = max(0, len(prompt) - 1) // self.block_size * self.block_size - loadable * self.chunk
@@ -154,8 +159,14 @@ class SchedulerSide:
         return _Req(session, prompt, links, root, opts.store, opts.load, loadable, tail, tail_link)
 
     def _exists(self, st: _Req, index: int, link: bytes, num_tokens: int = 0) -> bool:
+        """Whether every rank has this chunk, in the request's session or, stored
+        by any other session or request, in the index."""
+        places = [st.session]
+        if self.index is not None and st.session != self.index:
+            places.append(self.index)
         return all(
-            self.cache.exists(st.session, s.file_name(index, link, num_tokens)) for s in self.spaces
+            any(self.cache.exists(p, s.file_name(index, link, num_tokens)) for p in places)
+            for s in self.spaces
         )
 
     def _hit_end(self, st: _Req, start: int) -> int:

@@ -18,6 +18,7 @@ from vllm.distributed.utils import get_pp_indices
 from vllm.logger import init_logger
 
 from .counters import FIELDS
+from .fingerprint import checkpoint_fingerprint
 from .keys import KeySpace
 from .plan import StepPlan
 from .scheduler import PromptInfo, SchedulerSide
@@ -94,6 +95,27 @@ class KVFSPromMetrics(KVConnectorPromMetrics):
                 per_engine[engine_idx].inc(value)
 
 
+_unknown_weights: set[str] = set()
+
+
+def _weights(mc, vllm_config) -> str | None:
+    """The fingerprint of the model's checkpoint (fingerprint.py), so that new
+    weights under the same name or path never load the old weights' KV."""
+    load = getattr(vllm_config, "load_config", None)
+    fp = checkpoint_fingerprint(
+        mc.model, getattr(mc, "revision", None), getattr(load, "download_dir", None)
+    )
+    if fp is None and mc.model not in _unknown_weights:
+        _unknown_weights.add(mc.model)
+        logger.warning(
+            "kvfs: no checkpoint files found for %s (not a local path, not in the Hugging "
+            "Face cache): its keys carry its name and revision only; set model_id in "
+            "kv_connector_extra_config to a name that changes with its weights",
+            mc.model,
+        )
+    return fp
+
+
 def vllm_key_space(vllm_config: VllmConfig, settings: Settings, tp_rank: int, pp_rank: int):
     """The key space of one rank, computed from the configuration alone, so the
     scheduler (which never sees the tensors) and every worker agree on names.
@@ -117,6 +139,10 @@ def vllm_key_space(vllm_config: VllmConfig, settings: Settings, tp_rank: int, pp
     pp_size = pc.pipeline_parallel_size
     first, end = get_pp_indices(mc.get_total_num_hidden_layers(), pp_rank, pp_size)
     extra = []
+    if not settings.model_id:  # the operator's model_id is the identity as given
+        weights = _weights(mc, vllm_config)
+        if weights is not None:
+            extra.append(("weights", weights))
     if getattr(mc, "revision", None):
         extra.append(("revision", str(mc.revision)))
     if getattr(mc, "quantization", None):
@@ -183,10 +209,14 @@ class KVFSConnector(KVConnectorBase_V1):
             ]
             self._scheduler = SchedulerSide(self.settings, spaces, block_size, logger)
             logger.info(
-                "kvfs: connector on %s, chunks of %d tokens, model %s",
+                "kvfs: connector on %s, chunks of %d tokens, model %s, weights %s, %s",
                 self.settings.mount,
                 spaces[0].chunk_size,
                 spaces[0].model,
+                dict(spaces[0].extra).get("weights", "as named"),
+                f"sessions share the index {self._scheduler.index}"
+                if self._scheduler.index
+                else "sessions do not share (not a checked kvfs mount)",
             )
         else:
             from vllm.distributed.parallel_state import get_pp_group, get_tp_group

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cachedir import CacheDir, NotMounted
+from .cachedir import CacheDir, NotMounted, shared_index
 from .chunkfile import ChunkError, ChunkFile, chunk_metadata, tensor_bytes
 from .counters import Counters
 from .keys import KeySpace
@@ -72,6 +72,16 @@ class _SaveJob:
     ready: object = None  # a CUDA event: the GPU->host copies into `tensors` have landed
 
 
+@dataclass
+class _LinkJob:
+    """A chunk loaded from the index into a request of a named session: the
+    session takes a name for it, so that it keeps what it uses."""
+
+    session: str
+    name: str
+    nbytes: int = 0
+
+
 class ChunkWriter:
     """A background thread that writes chunk files; bounded by bytes in flight."""
 
@@ -83,14 +93,16 @@ class ChunkWriter:
         stats: Counters,
         log,
         pool: StagingPool,
+        index: str | None = None,
     ):
         self._cache = cache
+        self._index = index  # the shared index directory, None if not sharing
         self._pool = pool
         self._space = space
         self._settings = settings
         self._stats = stats
         self._log = log
-        self._queue: queue.Queue[_SaveJob | None] = queue.Queue()
+        self._queue: queue.Queue[_SaveJob | _LinkJob | None] = queue.Queue()
         self._lock = threading.Lock()
         self._pending = 0
         self._thread = threading.Thread(target=self._run, name="kvfs-writer", daemon=True)
@@ -104,8 +116,13 @@ class ChunkWriter:
         self._queue.put(job)
         return True
 
+    def link_later(self, session: str, name: str) -> None:
+        """Link the index's chunk `name` into `session`, on the writer thread
+        (a link is an etcd transaction: not for the loading thread)."""
+        self._queue.put(_LinkJob(session, name))
+
     def flush(self) -> None:
-        """Wait until every submitted chunk is written."""
+        """Wait until every submitted chunk is written (and linked)."""
         self._queue.join()
 
     def close(self) -> None:
@@ -119,14 +136,18 @@ class ChunkWriter:
             try:
                 if job is None:
                     return
-                self._write(job)
+                if isinstance(job, _LinkJob):
+                    if self._cache.link(self._index, job.name, job.session):
+                        self._stats.add("linked_files", 1)
+                else:
+                    self._write(job)
             except NotMounted:
                 pass  # counted and logged by the cache directory
             except Exception:  # never let one bad write end the writer
                 self._stats.add("save_errors", 1)
                 self._log.exception("kvfs: writing a chunk failed")
             finally:
-                if job is not None:
+                if isinstance(job, _SaveJob):
                     self._pool.put(job.tensors.values())
                     with self._lock:
                         self._pending -= job.nbytes
@@ -137,6 +158,18 @@ class ChunkWriter:
         link = bytes.fromhex(op.link)
         name = space.file_name(op.index, link, op.num_tokens)
         t0 = time.perf_counter()
+        index = self._index if self._index != op.session else None
+        if (
+            index is not None
+            and not op.repair
+            and not self._cache.exists(op.session, name)
+            and self._cache.exists(index, name)
+            and self._cache.link(index, name, op.session)
+        ):
+            # Stored meanwhile by another session (or by this one's local
+            # prefix cache's earlier request): a name for it, not a second copy.
+            self._stats.add("linked_files", 1)
+            return
         if job.ready is not None:
             job.ready.synchronize()
         meta = chunk_metadata(
@@ -151,14 +184,18 @@ class ChunkWriter:
         n = self._cache.write(op.session, name, job.tensors, meta, replace=op.repair)
         if n is None:
             self._stats.add("save_skipped", 1)
-            return
-        if self._settings.set_xattrs:
-            start = op.index * space.chunk_size
-            _label(self._cache.path(op.session, name), space, start, start + len(op.tokens))
-        self._stats.add("save_write_seconds", time.perf_counter() - t0)
-        self._stats.add("saved_files", 1)
-        self._stats.add("saved_tokens", len(op.tokens))
-        self._stats.add("saved_bytes", n)
+        else:
+            if self._settings.set_xattrs:  # before linking: one name to update, not two
+                start = op.index * space.chunk_size
+                _label(self._cache.path(op.session, name), space, start, start + len(op.tokens))
+            self._stats.add("save_write_seconds", time.perf_counter() - t0)
+            self._stats.add("saved_files", 1)
+            self._stats.add("saved_tokens", len(op.tokens))
+            self._stats.add("saved_bytes", n)
+        if index is not None:
+            # Found by every other session through the index. A repair replaces
+            # the index's name too: it may name the damaged file.
+            self._cache.link(op.session, name, index, replace=op.repair)
 
 
 def _label(path: str, space: KeySpace, start: int, end: int) -> None:
@@ -189,7 +226,7 @@ def _copy_out(kv_layer: torch.Tensor, jobs: list[tuple[list[int], torch.Tensor]]
 class WorkerSide:
     """Per-worker state: the paged cache, the loads of this step, the writer."""
 
-    def __init__(self, settings: Settings, space: KeySpace, log):
+    def __init__(self, settings: Settings, space: KeySpace, log, cache: CacheDir | None = None):
         self.settings = settings
         self.space = space
         self.log = log
@@ -213,7 +250,7 @@ class WorkerSide:
         self._save_idx: tuple[int, list[torch.Tensor]] | None = None
         self._save_event = None
         self._stall = 0.0
-        self.cache = CacheDir(
+        self.cache = cache or CacheDir(
             settings.mount,
             require_kvfs=settings.require_kvfs,
             file_mode=settings.file_mode,
@@ -222,7 +259,10 @@ class WorkerSide:
             log=log,
         )
         self.pool = StagingPool(settings.staging_bytes)
-        self.writer = ChunkWriter(self.cache, space, settings, self.stats, log, self.pool)
+        self.index = shared_index(self.cache, space, log)
+        self.writer = ChunkWriter(
+            self.cache, space, settings, self.stats, log, self.pool, self.index
+        )
         # Daemon threads die at exit: finish writing first.
         ref = weakref.ref(self)
         atexit.register(lambda: ref() is not None and ref().shutdown())
@@ -373,10 +413,19 @@ class WorkerSide:
         kv.index_copy_(0, idx, staged[op.skip_blocks :].to(kv.device))
         return None
 
-    def open_chunk(self, op: ChunkOp) -> ChunkFile:
-        """Open a chunk file and check its header against what `op` expects."""
+    def open_chunk(self, op: ChunkOp) -> tuple[ChunkFile, bool]:
+        """Open a chunk file and check its header against what `op` expects:
+        the request's session's, else the index's (stored by another session
+        or request). The flag says it came from the index."""
         name = self.space.file_name(op.index, bytes.fromhex(op.link), op.num_tokens)
-        f = self.cache.open(op.session, name)
+        from_index = False
+        try:
+            f = self.cache.open(op.session, name)
+        except ChunkError as e:
+            if e.reason != "missing" or self.index is None or op.session == self.index:
+                raise
+            f = self.cache.open(self.index, name)
+            from_index = True
         try:
             f.expect(self.space.header(bytes.fromhex(op.link), bytes.fromhex(op.parent)))
             for layer, kv in self.kv_caches.items():
@@ -384,7 +433,7 @@ class WorkerSide:
         except BaseException:
             f.close()
             raise
-        return f
+        return f, from_index
 
     # -- saving --------------------------------------------------------------
 
@@ -511,6 +560,7 @@ class _StepLoad:
         self.worker = worker
         self.ops = ops
         self.files: dict[int, ChunkFile] = {}  # by position in ops, while usable
+        self.from_index: set[int] = set()  # positions whose file was the index's
         self.failed_at: dict[str, int] = {}  # request -> index of its first failed chunk
         self.checks: list[tuple[int, str, list[memoryview]]] = []
 
@@ -568,7 +618,9 @@ class _StepLoad:
         for i, op in enumerate(self.ops):
             if self.usable(i):
                 try:
-                    self.files[i] = self.worker.open_chunk(op)
+                    self.files[i], borrowed = self.worker.open_chunk(op)
+                    if borrowed:
+                        self.from_index.add(i)
                 except ChunkError as e:
                     self.fail(i, e.reason)
 
@@ -670,3 +722,5 @@ class _StepLoad:
                 w.stats.add("loaded_files", 1)
                 w.stats.add("loaded_tokens", (len(op.block_ids) - op.skip_blocks) * block_tokens)
                 w.stats.add("loaded_bytes", os.fstat(f.fd).st_size)
+                if i in self.from_index:  # checked good: the session keeps it too
+                    w.writer.link_later(op.session, os.path.basename(f.path))

@@ -58,8 +58,11 @@ def test_store_then_load_in_fresh_process(kvfs_mount, tiny_models, baseline, run
     assert session.startswith("tiny-a-")
     assert c0["kv_transfer_params"]["kvfs_session"] == "chat-42"
     assert sorted(os.listdir(kvfs_mount.path)) == sorted([session, "chat-42"])
+    # A request naming no session stores into the model's index directory,
+    # where chat-42's chunks are linked too (issue 12).
+    assert "-index-" in session
     files = chunk_files(kvfs_mount.path / session)
-    assert len(files) == stored_files("A")
+    assert len(files) == stored_files("A") + stored_files("C")
     assert files[0].startswith("000000-000064.tp0.")
     assert files[-1].startswith("000256-000288.tp0.")  # the tail, up to the last block
     assert len(chunk_files(kvfs_mount.path / "chat-42")) == stored_files("C")
@@ -103,7 +106,9 @@ def test_store_then_load_in_fresh_process(kvfs_mount, tiny_models, baseline, run
 def test_damaged_files_are_misses(kvfs_mount, tiny_models, baseline, run_vllm):
     model = tiny_models["tiny-a"]
     names = ["C", "D", "E"]
-    stored = run_vllm(model, [req(n) for n in names], kvfs_mount.path)
+    # Named sessions: each prompt's files apart from the others' (the index
+    # keeps the undamaged versions; the session's damaged name is what loads).
+    stored = run_vllm(model, [req(n, session=f"s-{n}") for n in names], kvfs_mount.path)
     sessions = {
         n: kvfs_mount.path / r["kv_transfer_params"]["kvfs_session"]
         for n, r in zip(names, stored["results"], strict=True)
@@ -124,7 +129,7 @@ def test_damaged_files_are_misses(kvfs_mount, tiny_models, baseline, run_vllm):
 
     # Each damaged prompt twice: first a reported miss, then a full hit on the
     # file the first request wrote back.
-    out = run_vllm(model, [req(n) for n in names + names], kvfs_mount.path)
+    out = run_vllm(model, [req(n, session=f"s-{n}") for n in names + names], kvfs_mount.path)
     log = run_vllm.last_log
     first, second = out["results"][:3], out["results"][3:]
     for name, r in zip(names, first, strict=True):
