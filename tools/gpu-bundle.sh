@@ -40,7 +40,8 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
   --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 -d "$B"/whl \
   trio==0.35.0 outcome==1.3.0.post0 sniffio==1.3.1 etcd-sdk-python==0.0.7 crc32c==2.9.post0 \
-  grpcio==1.85.3 protobuf==7.36.2 \
+  grpcio==1.85.3 protobuf==7.36.2 prometheus-client==0.26.0 \
+  py-spy==0.4.3 `# the daemon's profile where a target is missed` \
   attrs==26.1.0 sortedcontainers==2.4.0 idna==3.20 typing_extensions==4.16.0 # theirs, in case the image lacks them
 rm -rf "$B"/deb "$B"/x "$B"/src
 cat > "$B"/env.sh <<'ENV'
