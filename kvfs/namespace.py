@@ -396,6 +396,18 @@ class Namespace:
         await self._refresh_header(entry)
         return entry
 
+    def _write_header(self, entry: Entry) -> None:
+        """Blocking: the header of ENTRY's object as etcd has it now (a background job)."""
+        try:
+            current = self.meta.get_entry(entry.session, entry.name)
+        except KvfsError:
+            current = entry
+        if current is None or current.version != entry.version or is_legacy(entry.object):
+            return  # changed since: whatever changed it wrote the header
+        self.store.put(
+            header_key(current.object), encode_header(header_meta(current), current.size)
+        )
+
     async def _refresh_header(self, entry: Entry) -> None:
         """Keep the object's own header in step with etcd, for `kvfs recover`."""
         try:
@@ -472,12 +484,21 @@ class Namespace:
         With VERSION, only if the name still holds that version.
         """
 
+        tries = 0
+
         async def attempt():
-            entry = await self.call_meta(self.meta.get_entry, session, name)
+            # The first try reads the watch-fed cache (one etcd round trip in
+            # all, the transaction, whose compares catch a stale read); a try
+            # after a conflict reads etcd itself.
+            nonlocal tries
+            tries += 1
+            get = self.get_entry if tries == 1 else self.get_entry_uncached
+            entry = await get(session, name)
+            # what the cache says against the link is asked of etcd again
             if entry is None or (version and entry.version != version):
-                raise NotFound(f"{session}/{name}")
-            if await self.call_meta(self.meta.get_entry, new_session, new_name) is not None:
-                raise Exists(f"{new_session}/{new_name}")
+                raise Conflict("") if tries == 1 else NotFound(f"{session}/{name}")
+            if await get(new_session, new_name) is not None:
+                raise Conflict("") if tries == 1 else Exists(f"{new_session}/{new_name}")
             files = await self._file_names(entry)
             names = [(e.session, e.name) for e in files] + [(new_session, new_name)]
             now = time.time_ns()
@@ -489,7 +510,10 @@ class Namespace:
 
         new = await self.retrying(f"{session}/{name}", attempt)
         self.counters["links"] += 1
-        await self._refresh_header(new)  # every name, for `kvfs recover`
+        # every name in the object's header, for `kvfs recover`: off the
+        # link's path (etcd has the link; only a recover after losing etcd
+        # within that moment would miss it)
+        self.later(functools.partial(self._write_header, new), 0.0, "header of a link")
         return new
 
     async def link_file(self, entry: Entry, new_session: str, new_name: str) -> Entry:
