@@ -210,7 +210,14 @@ class SchedulerSide:
                 self.stats.add("lookups_deferred", 1)
                 return None, False
         elif not look.future.done():
-            return None, False
+            # Wait again, as briefly: an engine with nothing else to run asks
+            # in a tight loop that holds the GIL, and the lookup thread, which
+            # needs it back after each stat, then advanced one stat per
+            # switch interval (5 ms).
+            try:
+                look.future.result(timeout=LOOKUP_WAIT_SECONDS)
+            except FutureTimeout:
+                return None, False
         # A result is used once: should the request not be allocated now, the
         # next call looks again rather than trust files that may be gone.
         del self._lookups[req_id]
