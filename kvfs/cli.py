@@ -197,6 +197,8 @@ def cmd_status(args) -> int:
     print(f"kvfs {st['version']} at {st['mountpoint']} (pid {st['pid']}, node {st['node']})")
     cap = s["capacity"] if s["capacity"] is not None else s["medium_total"]
     print(f"store     {s['url']}: {s['entries']} files, {_h(s['used'])} used of {_h(cap)}")
+    if s.get("last_error"):  # absent from an older daemon's status
+        print(f"          last store error: {s['last_error']}")
     c = st["counters"]
     print(f"read      {c['files_read']} files, {_h(c['bytes_read'])}")
     print(f"written   {c['files_written']} files, {_h(c['bytes_written'])}, {c['commits']} commits")
@@ -222,8 +224,6 @@ def cmd_status(args) -> int:
             f"{_h(sc['capacity'])}; {sc['hits']} hits, {sc['misses']} misses, "
             f"{sc['prefetched']} prefetched, {sc['evictions']} evicted"
         )
-        if sc["last_error"]:
-            print(f"          last store error: {sc['last_error']}")
     for level in ("session", "layer", "recent"):
         lv = st["cache"][level]
         print(f"cache     {level:8} {lv['hits']} hits, {lv['misses']} misses")

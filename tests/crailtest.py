@@ -9,6 +9,7 @@ RPC binding), as Crail never published its own. tools/setup.sh puts both in
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,8 +107,16 @@ class CrailCluster:
             raise RuntimeError(f"no Crail in {HOME}: run tools/setup.sh")
         self._write_conf()
         self.namenode = self._java("namenode", ["KvfsNameNode"])
+        # a DataNode that finds no NameNode gives up registering but lives on
+        wait_for(self._namenode_listens, 60, 0.1, "the Crail NameNode to listen")
         self.start_datanode()
         return self
+
+    def _namenode_listens(self) -> bool:
+        if self.namenode.poll() is not None:
+            raise RuntimeError(f"the Crail NameNode died:\n{self.log('namenode')[-3000:]}")
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", self.nn_port)) == 0
 
     def start_datanode(self) -> None:
         """A DataNode, registered with the NameNode when this returns."""
@@ -121,21 +130,32 @@ class CrailCluster:
                 "org.apache.crail.storage.tcp.TcpStorageTier",
             ],
         )
+        failed = 'Exception in thread "main"'
+        gone = self.log("datanode").count(failed)
         wait_for(
             lambda: (
                 self.log("datanode").count("freeBlocks 256") > mark
+                or self.log("datanode").count(failed) > gone
                 or self.datanode.poll() is not None
             ),
             60,
             0.1,
             "the Crail DataNode to register",
         )
-        if self.datanode.poll() is not None:
-            raise RuntimeError(f"the Crail DataNode died:\n{self.log('datanode')[-3000:]}")
+        if self.log("datanode").count("freeBlocks 256") <= mark:
+            _stop(self.datanode, signal.SIGKILL)
+            raise RuntimeError(
+                f"the Crail DataNode did not register:\n{self.log('datanode')[-3000:]}"
+            )
 
     def kill_datanode(self) -> None:
         _stop(self.datanode, signal.SIGKILL)
         self.datanode = None
+
+    def restart(self) -> None:
+        """A new Crail at the same addresses, empty (its DataNode's memory is new)."""
+        self.stop()
+        self.start()
 
     def pause(self, on: bool) -> None:
         """Freeze (SIGSTOP) or thaw both JVMs: Crail unreachable, then back."""

@@ -23,6 +23,7 @@ store recovers when Crail does, without a remount.
 """
 
 import atexit
+import functools
 import glob
 import logging
 import os
@@ -30,8 +31,11 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 
 from ..errors import KvfsError, NotFound, StoreError
 from .base import ObjectStat, Store, StoreReader, StoreWriter
@@ -86,6 +90,7 @@ def _classes():
                 classpath=[os.path.join(os.environ["CRAIL_HOME"], "conf"), *jars],
                 convertStrings=True,
             )
+        from java.util.concurrent import TimeUnit
         from org.apache.crail import (
             CrailLocationClass,
             CrailNodeType,
@@ -105,6 +110,7 @@ def _classes():
             "Location": CrailLocationClass,
             "wrap": OffHeapBuffer.wrap,
             "Constants": CrailConstants,
+            "MILLISECONDS": TimeUnit.MILLISECONDS,
         }
         return _java
 
@@ -165,6 +171,27 @@ def parse_spec(arg: str) -> tuple[str | None, str]:
     return None, "/" + (arg or "kvfs").strip("/")
 
 
+WORKERS = 16  # Crail calls in flight at most; a call beyond waits (within its time limit)
+# words of a Crail error that mean the connection is gone, not the request bad
+LOST_CONNECTION = ("connection", "broken pipe", "no answer", "closed", "timeout", "timed out")
+RECONNECT_EVERY = 2.0  # seconds: a new client costs a JVM some memory; not one per error
+
+
+def guarded(fn):
+    """Run the Crail call FN on the store's workers, for at most its time limit.
+
+    Crail's own waits have no limit in places (a frozen DataNode or NameNode
+    hangs them), and a FUSE request must not hang: past the limit the caller
+    gets StoreError (EIO) while the stuck worker finishes whenever Crail does.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(self, *args):
+        return self._run(f"{fn.__name__} {args[0] if args else ''}".strip(), fn, self, *args)
+
+    return wrapper
+
+
 class CrailStore(Store):
     def __init__(self, arg: str, node: str = "default", state_dir: str | None = None, **_):
         self.address, self.base = parse_spec(arg)
@@ -178,13 +205,32 @@ class CrailStore(Store):
         self._j = _classes()
         self._lock = threading.Lock()
         self._fs = None
+        self._dropped = 0.0
         self._dirs: set[str] = set()
         self.errors = 0
         self.last_error: str | None = None
-        self._client()  # fail the mount now, not at the first read, if Crail is not there
-        # reads go a block at a time (see _read_into); known once a client ran
-        self.block = int(self._j["Constants"].BLOCK_SIZE)
-        self._mkdir(self.base)
+        self._workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="crail")
+        self.timeout = 30.0  # until the client has read its own time limits
+        # fail the mount now, not at the first read, if Crail is not there
+        self._run("connect", self._client)
+        c = self._j["Constants"]
+        # reads go a block at a time (see _read_into)
+        self.block = int(c.BLOCK_SIZE)
+        # Crail's own limits (ms), and time for a call of a few requests
+        self.ms = max(int(c.RPC_TIMEOUT), int(c.DATA_TIMEOUT))
+        self.timeout = self.ms / 1000 + 2
+        self._run(f"mkdir {self.base}", self._mkdir, self.base)
+
+    def _run(self, what: str, fn, *args):
+        fut = self._workers.submit(fn, *args)
+        try:
+            return fut.result(timeout=self.timeout)
+        except FutureTimeout:
+            raise self._failed(what, f"no answer from Crail in {self.timeout:g} s") from None
+
+    def _wait(self, fut):
+        """A Crail future's value, within Crail's own time limit."""
+        return fut.get(self.ms, self._j["MILLISECONDS"])
 
     # -- the client ---------------------------------------------------------------
 
@@ -192,6 +238,9 @@ class CrailStore(Store):
         with self._lock:
             if self._fs is None:
                 conf = self._j["Conf"]()
+                # a client of our own: Crail otherwise hands every caller one
+                # shared instance, and a new one after a failure is the point
+                conf.set("crail.singleton", "false")
                 if self.address:
                     conf.set("crail.namenode.address", f"crail://{self.address}")
                 try:
@@ -202,14 +251,20 @@ class CrailStore(Store):
             return self._fs
 
     def _failed(self, what: str, exc) -> StoreError:
-        """The error to raise for a failed Crail call; drops the client so the
-        next call connects again (a restarted NameNode or DataNode)."""
+        """The error to raise for a failed Crail call. A lost connection (or no
+        answer) also drops the client, at most every RECONNECT_EVERY seconds,
+        so a later call connects again: a restarted NameNode or DataNode."""
         text = _text(exc)
+        fs = None
         with self._lock:
-            fs, self._fs = self._fs, None
             self.errors += 1
-            self.last_error = f"{what}: {text}"
+            self.last_error = f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {what}: {text}"
+            lost = any(w in text.lower() for w in LOST_CONNECTION)
+            if lost and time.monotonic() - self._dropped > RECONNECT_EVERY:
+                fs, self._fs = self._fs, None
+                self._dropped = time.monotonic()
         if fs is not None:
+            # closing waits for what the lost connection left pending: not here
             threading.Thread(target=_close_quietly, args=(fs,), daemon=True).start()
         log.error("crail %s: %s failed: %s", self.url, what, text)
         return StoreError(f"crail {what}: {text}")
@@ -223,7 +278,7 @@ class CrailStore(Store):
         """The node at PATH, None if there is none."""
         fs = self._client()
         try:
-            return fs.lookup(path).get()
+            return self._wait(fs.lookup(path))
         except self._j["JException"] as exc:
             raise self._failed(f"lookup {path}", exc) from None
 
@@ -234,9 +289,11 @@ class CrailStore(Store):
         j = self._j
         if self._lookup(path) is None:
             try:
-                node = fs.create(
-                    path, j["Type"].DIRECTORY, j["Storage"].DEFAULT, j["Location"].DEFAULT, True
-                ).get()
+                node = self._wait(
+                    fs.create(
+                        path, j["Type"].DIRECTORY, j["Storage"].DEFAULT, j["Location"].DEFAULT, True
+                    )
+                )
                 node.syncDir()
             except j["JException"] as exc:
                 if "exists" not in _text(exc):  # made meanwhile by another thread or node
@@ -270,7 +327,7 @@ class CrailStore(Store):
                     piece = view[done:end]
                     cbuf = j["wrap"](j["nio"].convertToDirectBuffer(piece))
                     fut = stream.read(cbuf)
-                    n = fut.get().getLen() if fut is not None else 0
+                    n = self._wait(fut).getLen() if fut is not None else 0
                     if n <= 0:
                         break
                     done += n
@@ -284,14 +341,18 @@ class CrailStore(Store):
         """Create PATH holding SIZE bytes that SOURCE(buffer, offset) -> n fills."""
         j = self._j
         fs = self._client()
+        # the base too: a Crail restarted empty gets it back at the first write
+        self._mkdir(self.base)
         self._mkdir(path.rsplit("/", 1)[0])
         buf = bytearray(min(self.block, max(size, 1)))
         # one direct buffer over BUF's memory for the whole upload
         cbuf = j["wrap"](j["nio"].convertToDirectBuffer(buf))
         try:
-            node = fs.create(
-                path, j["Type"].DATAFILE, j["Storage"].DEFAULT, j["Location"].DEFAULT, True
-            ).get()
+            node = self._wait(
+                fs.create(
+                    path, j["Type"].DATAFILE, j["Storage"].DEFAULT, j["Location"].DEFAULT, True
+                )
+            )
             node.syncDir()
             stream = node.asFile().getDirectOutputStream(size)
             try:
@@ -302,7 +363,7 @@ class CrailStore(Store):
                         raise StoreError(f"crail write {path}: the source ended at {off}")
                     cbuf.clear()
                     cbuf.limit(n)
-                    stream.write(cbuf).get()
+                    self._wait(stream.write(cbuf))
                     off += n
             finally:
                 stream.close()
@@ -313,7 +374,7 @@ class CrailStore(Store):
         """Delete PATH; False if it was not there."""
         fs = self._client()
         try:
-            node = fs.delete(path, False).get()
+            node = self._wait(fs.delete(path, False))
         except self._j["JException"] as exc:
             text = _text(exc)
             if "not found" in text.lower() or "GET_FILE_FAILED" in text or "No such" in text:
@@ -330,13 +391,17 @@ class CrailStore(Store):
         try:
             if self._lookup(path) is not None:
                 self._remove(path)
-            fs.rename(tmp, path).get().syncDir()
+            self._wait(fs.rename(tmp, path)).syncDir()
         except self._j["JException"] as exc:
             raise self._failed(f"rename {tmp}", exc) from None
 
     # -- the Store interface ------------------------------------------------------
 
+    @guarded
     def put(self, key: str, data: bytes) -> None:
+        self._put(key, data)
+
+    def _put(self, key: str, data: bytes) -> None:
         path = self.path(key)
         tmp = f"{path}.{self.node}.{uuid.uuid4().hex[:8]}.tmp"
         mv = memoryview(data)
@@ -350,37 +415,52 @@ class CrailStore(Store):
             self._write(tmp, source, len(data))
             self._publish(tmp, path)
         except BaseException:
-            self._quietly_remove(tmp)
+            try:
+                self._remove(tmp)
+            except KvfsError:
+                pass
             raise
 
     def _quietly_remove(self, path: str) -> None:
         try:
-            self._remove(path)
+            self._run(f"delete {path}", self._remove, path)
         except KvfsError:
             pass
 
+    @guarded
     def get(self, key: str, offset: int = 0, size: int = -1) -> bytes:
+        return self._get(key, offset, size)
+
+    def _get(self, key: str, offset: int = 0, size: int = -1) -> bytes:
         path = self.path(key)
         if size < 0:
-            size = max(0, self.stat(key).size - offset)
+            node = self._lookup(path)
+            if node is None:
+                raise NotFound(key)
+            size = max(0, node.getCapacity() - offset)
         buf = bytearray(size)
         n = self._read_into(path, buf, offset)
         return bytes(buf) if n == size else bytes(buf[:n])
 
+    @guarded
     def exists(self, key: str) -> bool:
         return self._lookup(self.path(key)) is not None
 
+    @guarded
     def delete(self, key: str) -> None:
         self._remove(self.path(key))
 
     def list(self, prefix: str = "") -> Iterator[str]:
+        return iter(self._run("list", self._list, prefix))
+
+    def _list(self, prefix: str) -> "list[str]":
         keys = []
         for sub in self._children(self.base):
             for name in self._children(f"{self.base}/{sub}"):
                 key = f"{sub}/{name}"
                 if not name.endswith(".tmp") and key.startswith(prefix):
                     keys.append(key)
-        return iter(sorted(keys))
+        return sorted(keys)
 
     def _children(self, path: str) -> "list[str]":
         node = self._lookup(path)
@@ -393,6 +473,7 @@ class CrailStore(Store):
         except self._j["JException"] as exc:
             raise self._failed(f"list {path}", exc) from None
 
+    @guarded
     def stat(self, key: str) -> ObjectStat:
         node = self._lookup(self.path(key))
         if node is None:
@@ -404,15 +485,16 @@ class CrailStore(Store):
         return CrailWriter(self, key)
 
     def reader(self, key: str) -> StoreReader:
-        node = self._lookup(self.path(key))
+        node = self._run(f"open {key}", self._lookup, self.path(key))
         if node is None:
             raise NotFound(key)
         return CrailReader(self, key)
 
+    @guarded
     def rewrite_header(self, key: str, data: bytes) -> None:
         # written once, front to back: a new object with the new head, swapped in
-        old = self.get(key)
-        self.put(key, bytes(data) + old[len(data) :])
+        old = self._get(key)
+        self._put(key, bytes(data) + old[len(data) :])
 
     def clean_staging(self, is_live=None) -> int:
         """Settle this node's commits a crash interrupted (see LocalStore's):
@@ -439,7 +521,9 @@ class CrailStore(Store):
         with self._lock:
             fs, self._fs = self._fs, None
         if fs is not None:
-            _close_quietly(fs)
+            self._workers.submit(_close_quietly, fs)
+        # a worker stuck on a frozen Crail is left behind, not waited for
+        self._workers.shutdown(wait=False, cancel_futures=True)
 
 
 def _close_quietly(fs) -> None:
@@ -456,11 +540,12 @@ class CrailReader(StoreReader):
 
     def pread(self, size: int, offset: int) -> bytes:
         buf = bytearray(size)
-        n = self._store._read_into(self._path, buf, offset)
+        n = self.readinto(buf, offset)
         return bytes(buf) if n == size else bytes(buf[:n])
 
     def readinto(self, buf, offset: int) -> int:
-        return self._store._read_into(self._path, buf, offset)
+        s = self._store
+        return s._run(f"read {self._path}", s._read_into, self._path, buf, offset)
 
     def close(self) -> None:
         pass
@@ -501,9 +586,13 @@ class CrailWriter(StoreWriter):
         path = s.path(self._key)
         tmp = f"{path}.{s.node}.{uuid.uuid4().hex[:8]}.tmp"
         fd = self._local.fileno()
-        try:
+
+        def upload():
             s._write(tmp, lambda buf, off: os.preadv(fd, [buf], off), self._local.size())
             s._publish(tmp, path)
+
+        try:
+            s._run(f"commit {self._key}", upload)
         except BaseException:
             s._quietly_remove(tmp)
             self.abort()
