@@ -57,6 +57,11 @@ DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable
 LATER_MAX = 100_000  # background jobs waiting; beyond it one is skipped (and logged)
 CAS_ATTEMPTS = 20  # compare-and-swap rounds before a hot entry is reported as a conflict
 GROUP_MAX = 60  # commits in one etcd transaction (etcd allows 128 operations)
+# transactions in flight at once: commits go straight to etcd (which batches
+# concurrent ones itself) until this many are out; later ones wait and share
+# the next transaction. One at a time loses that pipelining: 11 % of the save
+# throughput on the H200 (docs/BENCHMARKS.md).
+GROUP_PARALLEL = 4
 
 
 class _CommitSlot:
@@ -110,7 +115,7 @@ class Namespace:
         # group commit: commits that arrive while a transaction is in flight
         # wait and go together in the next one
         self._commit_queue: list[_CommitSlot] = []
-        self._committing = False
+        self._rounds = 0  # transactions in flight
         self._later_seq = 0
         self._later_wake = trio.Event()
         self.memory_backed = bool(getattr(store, "memory_backed", False))
@@ -715,24 +720,25 @@ class Namespace:
     async def _publish_version(self, entry: Entry) -> Entry | None:
         """Publish a sealed version; commits arriving meanwhile share a transaction.
 
-        The first commit to find no transaction in flight leads: it publishes
-        everything queued in one etcd transaction, then hands the lead to the
-        next waiting commit, which takes all that queued meanwhile. One writer
-        pays one round trip as before; many writers share them.
+        A commit that finds fewer than GROUP_PARALLEL transactions in flight
+        leads a round: it publishes everything queued (itself included) in one
+        etcd transaction. Otherwise it waits; when a round ends, the first
+        waiting commit leads the next, taking all that queued meanwhile. One
+        writer pays one round trip as before; many writers share them.
         """
         slot = _CommitSlot(entry)
         self._commit_queue.append(slot)
         while not slot.done:
-            if self._committing:
+            if self._rounds >= GROUP_PARALLEL or slot not in self._commit_queue:
                 await slot.wake.wait()
                 slot.wake = trio.Event()
                 continue
-            self._committing = True
+            self._rounds += 1
             try:
                 with trio.CancelScope(shield=True):  # others' commits ride on this round
                     await self._commit_round()
             finally:
-                self._committing = False
+                self._rounds -= 1
                 if self._commit_queue:
                     self._commit_queue[0].wake.set()  # the next round's leader
         if slot.error is not None:
