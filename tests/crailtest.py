@@ -39,8 +39,9 @@ def broadcast_interface() -> str:
 
 
 class CrailCluster:
-    def __init__(self, base: Path):
+    def __init__(self, base: Path, storage: int = 256 << 20):
         self.base = base
+        self.storage = storage  # bytes the DataNode offers, in 64 MiB regions
         self.conf = base / "conf"
         self.data = base / "data"
         self.nn_port = free_port()
@@ -72,7 +73,7 @@ class CrailCluster:
             "crail.namenode.tcp.cores 1\n"
             f"crail.storage.tcp.interface {broadcast_interface()}\n"
             f"crail.storage.tcp.port {self.dn_port}\n"
-            "crail.storage.tcp.storagelimit 268435456\n"
+            f"crail.storage.tcp.storagelimit {self.storage}\n"
             "crail.storage.tcp.allocationsize 67108864\n"
             "crail.storage.tcp.cores 1\n"
             f"crail.storage.tcp.datapath {self.data}\n"
@@ -121,7 +122,8 @@ class CrailCluster:
     def start_datanode(self) -> None:
         """A DataNode, registered with the NameNode when this returns."""
         self.starts += 1
-        mark = self.log("datanode").count("freeBlocks 256")
+        registered = f"freeBlocks {self.storage >> 20}"
+        mark = self.log("datanode").count(registered)
         self.datanode = self._java(
             "datanode",
             [
@@ -134,7 +136,7 @@ class CrailCluster:
         gone = self.log("datanode").count(failed)
         wait_for(
             lambda: (
-                self.log("datanode").count("freeBlocks 256") > mark
+                self.log("datanode").count(registered) > mark
                 or self.log("datanode").count(failed) > gone
                 or self.datanode.poll() is not None
             ),
@@ -142,7 +144,7 @@ class CrailCluster:
             0.1,
             "the Crail DataNode to register",
         )
-        if self.log("datanode").count("freeBlocks 256") <= mark:
+        if self.log("datanode").count(registered) <= mark:
             _stop(self.datanode, signal.SIGKILL)
             raise RuntimeError(
                 f"the Crail DataNode did not register:\n{self.log('datanode')[-3000:]}"

@@ -1,23 +1,25 @@
 #!/usr/bin/env python3
-"""A session's read throughput through the SSD cache: cold and warm, prefetch off and on.
+"""A session's read throughput over a remote store: the SSD cache cold and warm,
+prefetch off and on, against reading the store directly, in one run.
 
-One node writes a session of LAYERS files into a shared `local:` store (the
-"remote" store; on a cluster that is NFS, CephFS or another remote store);
-a second node reads the session layer by layer, as a KV cache loader does:
+One node writes a session of LAYERS files into the store; a second node reads
+the session layer by layer, as a KV cache loader does:
 
-  direct            the store's object files read straight from the medium
-  no cache          a mount without the SSD cache (the store's own files back it)
+  direct            the store read without kvfs: Crail through its Java client
+                    in this process (--store crail), or the object files (local)
+  no cache          a mount without the SSD cache
   cache cold        --ssd-cache, empty: every layer is fetched into the cache on open
-  cache cold+pf     the same with --prefetch: opening a layer fetches the next ones
   cache warm        a second pass: every layer is a local file in the cache
+  cache cold+pf     --ssd-cache --prefetch: opening a layer fetches the next ones
 
-"Cold" evicts the files' pages first (posix_fadvise DONTNEED on the store's
-and the cache's files), so every byte comes from the medium. --compute-ms
-sleeps between layers, as a model's forward pass does between loads: the time
-prefetch can hide. Throughput counts the time spent reading only.
-Run as root (FUSE).
+--store crail starts a Crail (tests/crailtest.py: kvfs's NameNode, Crail's TCP
+DataNode; run tools/setup.sh first); --store local uses a directory on
+--medium. "Cold" evicts the local files' pages first (posix_fadvise
+DONTNEED). --compute-ms sleeps between layers, as a model's forward pass
+does: the time prefetch can hide. Throughput counts the time spent reading
+only. Run as root (FUSE).
 
-  .venv/bin/python tools/bench_ssd_cache.py --medium /var/tmp --layers 16 --size 16M
+  .venv/bin/python tools/bench_crail.py --store crail --layers 16 --size 16M --compute-ms 50
 """
 
 import argparse
@@ -29,9 +31,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 MiB = 1 << 20
 KVFS = [sys.executable, "-m", "kvfs.cli"]
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 
 def parse_size(text: str) -> int:
@@ -66,7 +70,7 @@ class Node:
         self.mnt = os.path.join(base, f"mnt-{name}")
         self.state = os.path.join(base, f"state-{name}")
         os.makedirs(self.mnt, exist_ok=True)
-        cmd = KVFS + ["mount", self.mnt, "--store", f"local:{store}", "--etcd", etcd]
+        cmd = KVFS + ["mount", self.mnt, "--store", store, "--etcd", etcd]
         cmd += ["--state-dir", self.state, "--etcd-prefix", "/bench/", *args]
         subprocess.run(cmd, check=True, capture_output=True, timeout=60)
 
@@ -80,23 +84,30 @@ class Node:
         subprocess.run(KVFS + ["umount", self.mnt], capture_output=True, timeout=60)
 
 
-def read_session(paths, compute_s: float) -> float:
-    """Seconds spent reading PATHS one after the other (compute time excluded)."""
-    buf = bytearray(8 * MiB)
+def timed_layers(read_one, items, compute_s: float) -> float:
+    """Seconds spent in READ_ONE over ITEMS, one after the other (compute excluded)."""
     spent = 0.0
-    for p in paths:
+    for item in items:
         t = time.perf_counter()
-        with open(p, "rb", buffering=0) as f:
-            while f.readinto(buf):
-                pass
+        read_one(item)
         spent += time.perf_counter() - t
         time.sleep(compute_s)
     return spent
 
 
+READ_BUF = bytearray(8 * MiB)
+
+
+def read_file(path) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(READ_BUF):
+            pass
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--medium", default="/var/tmp", help="where the store and caches live")
+    ap.add_argument("--store", choices=("crail", "local"), default="crail")
+    ap.add_argument("--medium", default="/var/tmp", help="where local files and caches live")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--size", default="16M", help="bytes a layer")
     ap.add_argument("--compute-ms", type=float, default=0.0, help="pause between layers")
@@ -105,8 +116,7 @@ def main() -> int:
     args = ap.parse_args()
     size = parse_size(args.size)
     compute = args.compute_ms / 1000
-    base = tempfile.mkdtemp(prefix="kvfs-bench-cache-", dir=args.medium)
-    store = os.path.join(base, "store")
+    base = tempfile.mkdtemp(prefix="kvfs-bench-crail-", dir=args.medium)
     port, peer = free_port(), free_port()
     etcd_log = open(os.path.join(base, "etcd.log"), "wb")
     etcd = subprocess.Popen(
@@ -116,11 +126,23 @@ def main() -> int:
         stdout=etcd_log, stderr=etcd_log,
     )  # fmt: skip
     endpoint = f"127.0.0.1:{port}"
-    nodes = []
-    results = {}
+    nodes, results, cluster, direct_store = [], {}, None, None
     try:
-        time.sleep(1.5)
-        writer = Node(base, "w", store, endpoint)
+        if args.store == "crail":
+            from kvfs.store.crail import CrailStore
+
+            from crailtest import CrailCluster
+
+            # room for the session, its headers and Crail's directories
+            storage = ((size * args.layers * 5 // 4) // (64 * MiB) + 2) * 64 * MiB
+            cluster = CrailCluster(Path(base) / "crail", storage=storage).start()
+            spec = cluster.spec("bench")
+            direct_store = CrailStore(spec.removeprefix("crail:"), node="bench", state_dir=base)
+        else:
+            store_dir = os.path.join(base, "store")
+            spec = f"local:{store_dir}"
+        time.sleep(1.0)  # etcd
+        writer = Node(base, "w", spec, endpoint)
         nodes.append(writer)
         os.makedirs(os.path.join(writer.mnt, "s"))
         names = [f"layer{i:03d}" for i in range(args.layers)]
@@ -131,7 +153,6 @@ def main() -> int:
             os.getxattr(os.path.join(writer.mnt, "s", n), "user.kvfs.object").decode()
             for n in names
         ]
-        objects = [os.path.join(store, "objects", k) for k in keys]
         total = size * len(names)
 
         def record(label, seconds, extra=None):
@@ -139,43 +160,57 @@ def main() -> int:
             results[label].update(extra or {})
             print(f"{label:16} {total / seconds / 1e9:7.3f} GB/s  ({seconds:.3f} s reading)")
 
-        evict(objects)
-        record("direct", read_session(objects, compute))
+        if direct_store is not None:
+            buf = bytearray(size)
+            reader = lambda k: direct_store.reader(k).readinto(buf, 0)  # noqa: E731
+            record("direct", timed_layers(reader, keys, compute))
+        else:
+            objects = [os.path.join(store_dir, "objects", k) for k in keys]
+            evict(objects)
+            record("direct", timed_layers(read_file, objects, compute))
 
-        plain = Node(base, "plain", store, endpoint)
+        def cold():
+            if args.store == "local":
+                evict(objects)
+
+        plain = Node(base, "plain", spec, endpoint)
         nodes.append(plain)
-        evict(objects)
-        record("no cache", read_session([os.path.join(plain.mnt, "s", n) for n in names], compute))
+        cold()
+        record("no cache", timed_layers(read_file, [f"{plain.mnt}/s/{n}" for n in names], compute))
         plain.close()
         nodes.remove(plain)
 
         pf = ["--prefetch", "--prefetch-layers", str(args.prefetch_layers)]
         for label, extra in (("cache cold", []), ("cache cold+pf", pf)):
             cache = os.path.join(base, f"cache-{len(results)}")
-            node = Node(base, f"c{len(results)}", store, endpoint, ["--ssd-cache", cache, *extra])
+            node = Node(base, f"c{len(results)}", spec, endpoint, ["--ssd-cache", cache, *extra])
             nodes.append(node)
             paths = [os.path.join(node.mnt, "s", n) for n in names]
-            evict(objects)
-            record(label, read_session(paths, compute), {"cache": node.status()["ssd_cache"]})
+            cold()
+            record(label, timed_layers(read_file, paths, compute), node.status()["ssd_cache"])
             if not extra:
                 evict(files_under(cache))
-                evict(objects)
+                cold()
                 record(
                     "cache warm",
-                    read_session(paths, compute),
-                    {"cache": node.status()["ssd_cache"]},
+                    timed_layers(read_file, paths, compute),
+                    node.status()["ssd_cache"],
                 )
             node.close()
             nodes.remove(node)
     finally:
         for n in nodes:
             n.close()
+        if direct_store is not None:
+            direct_store.close()
+        if cluster is not None:
+            cluster.stop()
         etcd.terminate()
         etcd.wait()
         shutil.rmtree(base, ignore_errors=True)
     print(
-        f"{args.layers} layers x {size // MiB} MiB on {args.medium}, "
-        f"compute {args.compute_ms} ms a layer"
+        f"{args.store}: {args.layers} layers x {size // MiB} MiB, "
+        f"compute {args.compute_ms} ms a layer, caches on {args.medium}"
     )
     if args.json:
         with open(args.json, "w") as f:
