@@ -145,9 +145,10 @@ def run_variant(spec: dict) -> dict:
 # -- the driver ------------------------------------------------------------------------
 
 
-def self_mount(store: Path) -> Path:
+def self_mount(store: Path, work: Path) -> Path:
+    """Mount kvfs (a private etcd) over `store`; its state and log under `work`."""
     mnt = Path(tempfile.mkdtemp(prefix="kvshare-mnt-"))
-    state = Path(tempfile.mkdtemp(prefix="kvshare-state-"))
+    state = Path(tempfile.mkdtemp(prefix="kvshare-state-", dir=work))
     store.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "kvfs.cli", "mount", str(mnt), "--store", f"local:{store}"]
     subprocess.run(cmd + ["--state-dir", str(state)], check=True, timeout=120)
@@ -219,7 +220,7 @@ def main(argv=None) -> None:
                     if args.self_mount:  # a fresh, empty cache every round
                         store = Path(args.self_mount)
                         shutil.rmtree(store, ignore_errors=True)
-                        mounted = self_mount(store)
+                        mounted = self_mount(store, work)
                         mount = str(mounted)
                     if not mount:
                         sys.exit("kvfs needs --self-mount STORE or --mount with --store")
