@@ -149,8 +149,9 @@ def checkpoint_fingerprint(
     the hub gave it; a `.json` by its bytes; a safetensors file by its header
     and the first, middle and last 64 bytes of every tensor; any other weight
     file by 64 bytes at its start, middle and end. Computed once per version of
-    the files (size, mtime, ctime, inode), in milliseconds for a checkpoint of
-    any size (its headers and a few hundred small reads)."""
+    the files (size, mtime, ctime, inode): its headers and three small reads
+    a tensor (1,000 tensors in 524 MB: 13 ms from the page cache, 0.21 s from
+    a virtual disk)."""
     path = model
     if not os.path.exists(path):
         path = _hub_snapshot(model, revision, cache_dir)
