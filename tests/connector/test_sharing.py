@@ -16,7 +16,7 @@ import torch
 
 from kvfs_connector.cachedir import INDEX_XATTR, CacheDir
 from kvfs_connector.fingerprint import checkpoint_fingerprint
-from kvfs_connector.keys import KeySpace, chain_root, token_chain, valid_session
+from kvfs_connector.keys import KeySpace, chain_root, derived_session, token_chain, valid_session
 from kvfs_connector.plan import ChunkOp, StepPlan
 from kvfs_connector.scheduler import PromptInfo, SchedulerSide
 from kvfs_connector.settings import Settings
@@ -156,7 +156,7 @@ def test_not_shared_off_a_checked_kvfs_mount(tmp_path):
     assert sched.index is None
     assert matched(sched, PromptInfo("a", TOKENS, None)) == 0
     sched.update_state_after_alloc("a", [], 0)
-    assert sched.request_finished("a")["kvfs_session"].startswith("tiny-")
+    assert sched.request_finished("a")["kvfs_session"] == derived_session("org/tiny", LINKS[0])
     w = Worker(tmp_path / "plain", shared=None)
     w.save("chat-42")
     assert sorted(os.listdir(tmp_path / "plain")) == ["chat-42"]
