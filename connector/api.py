@@ -19,7 +19,7 @@ from __future__ import annotations
 import enum
 import threading
 from collections.abc import Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,9 +135,26 @@ class KVEngine:
         # index directory of this key space (on a checked kvfs mount).
         self.index = shared_index(self.cache, self.space, self.cache.log)
         self.mover = Mover(config.io_threads, config.host_buffer_bytes)
+        # New chunks are linked into the index off the store's path: a link
+        # is one more FUSE request and etcd transaction per chunk, which cost
+        # the H200 save a quarter of its speed (docs/BENCHMARKS.md). Until
+        # it lands another session misses that chunk; this engine's own
+        # lookups wait for it.
+        self._linker = ThreadPoolExecutor(1, thread_name_prefix="kvfs-link")
+        self._links: list[Future] = []
 
     def close(self) -> None:
+        self._links_landed()
+        self._linker.shutdown(wait=True)
         self.mover.close()
+
+    def _links_landed(self) -> None:
+        links, self._links = self._links, []
+        for fut in links:
+            try:
+                fut.result()  # cache.link counts and logs its own failures
+            except NotMounted:
+                pass  # counted; nothing is linked outside a live mount
 
     # -- names -------------------------------------------------------------------
 
@@ -171,6 +188,7 @@ class KVEngine:
 
     def cached_tokens(self, token_ids: Sequence[int], session: str | None = None) -> int:
         """How many leading tokens have chunk files (not yet validated)."""
+        self._links_landed()
         links = token_chain(list(token_ids), self.config.chunk_size)
         name = self._session(links, session)
         if name is None or not self.cache.live():
@@ -270,8 +288,11 @@ class KVEngine:
                     self.space, name, i, links[i], parent, tokens, self.layer_names
                 )
                 n = self.cache.write(name, self._file(i, links[i]), tensors, meta)
-                if self.index is not None and name != self.index:
-                    self.cache.link(name, self._file(i, links[i]), self.index)
+                if n is not None and self.index is not None and name != self.index:
+                    fut = self._linker.submit(
+                        self.cache.link, name, self._file(i, links[i]), self.index
+                    )
+                    self._links.append(fut)
                 return C if n is not None else 0
             finally:
                 buffers.put(buf)
@@ -342,6 +363,7 @@ class KVEngine:
         On a GPU the result is ready for work queued on the caller's current
         stream (which waits for the copies) without the CPU waiting for them.
         The per-layer tensors are views of one tensor with the layers first."""
+        self._links_landed()
         miss = RetrieveResult(RetrieveStatus.MISS, 0, [], [])
         if retrieve_status is RetrieveStatus.MISS:
             return miss
