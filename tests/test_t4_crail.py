@@ -116,11 +116,15 @@ def test_config_file_storage_type_crail(make_mount, crail, tmp_path):
     d = f"/t-cfg-{uuid.uuid4().hex[:8]}"
     cfg.write_text(json.dumps({"kv_transfer_config": {"storage_type": "crail", "crail_dir": d}}))
     assert load_config(str(cfg), env={}).store_spec() == f"crail:{d}"
+    before = os.environ.get("CRAIL_HOME")
     os.environ["CRAIL_HOME"] = str(crail.base)  # the daemon inherits it
     try:
         m = make_mount("--store", f"crail:{d}")
     finally:
-        del os.environ["CRAIL_HOME"]
+        if before is None:
+            del os.environ["CRAIL_HOME"]
+        else:
+            os.environ["CRAIL_HOME"] = before
     assert m.status()["store"]["url"] == f"crail:{d}"
     (m.path / "s").mkdir()
     (m.path / "s" / "f").write_bytes(b"through crail_dir")

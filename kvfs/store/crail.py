@@ -203,7 +203,8 @@ class CrailStore(Store):
         staging = os.path.join(state_dir or tempfile.gettempdir(), "crail-staging")
         self.local = LocalStore(staging, node=node, durable=False)
         self._j = _classes()
-        self._lock = threading.Lock()
+        # reentrant: a failed connect reports (_failed) while holding it
+        self._lock = threading.RLock()
         self._fs = None
         self._dropped = 0.0
         self._dirs: set[str] = set()
