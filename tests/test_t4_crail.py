@@ -46,6 +46,31 @@ def write_layers(mnt, session, n, size):
     return data
 
 
+def test_interrupted_commits_are_settled_at_the_next_start(spec, tmp_path):
+    s = CrailStore(spec.removeprefix("crail:"), node="n1", state_dir=str(tmp_path))
+    done = s.writer("aa/live.kvd")
+    done.pwrite(b"committed, etcd has it", 0)
+    done.commit()  # a crash before forget_intent(): the intent record remains
+    lost = s.writer("aa/lost.kvd")
+    lost.pwrite(b"published, etcd never heard", 0)
+    lost.commit()
+    s.writer("aa/staged.kvd").pwrite(b"never published", 0)
+
+    def cut_short():  # an upload that never reached its rename
+        s._write(s._upload_path(), lambda buf, off: len(buf), 5)
+
+    s._run("upload", cut_short)
+    again = CrailStore(spec.removeprefix("crail:"), node="n1", state_dir=str(tmp_path))
+    try:
+        assert again.clean_staging(lambda key: key == "aa/live.kvd") == 4
+        assert list(again.list()) == ["aa/live.kvd"]
+        assert again.get("aa/live.kvd") == b"committed, etcd has it"
+        assert again.clean_staging() == 0
+    finally:
+        again.close()
+        s.close()
+
+
 def test_write_read_replace_rm_over_crail(make_mount, spec, probe):
     m = make_mount("--store", spec)
     assert m.status()["store"]["url"] == spec

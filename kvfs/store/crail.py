@@ -11,7 +11,7 @@ ByteBuffers that wrap Python's own memory (`jpype.nio.convertToDirectBuffer`),
 so a read lands in the caller's buffer with no copy in between.
 
 Writes are staged in a local file (so the kernel can write it directly: FUSE
-passthrough); the commit uploads it to PATH/KEY.NODE.tmp and renames that to
+passthrough); the commit uploads it to PATH/.staging/NODE/ and renames it to
 PATH/KEY, so a reader never sees a partial object. The staged file's name is
 the intent record, as in the `local` store: a crash between the upload and
 etcd's commit is settled by `clean_staging` at the next start.
@@ -175,6 +175,7 @@ WORKERS = 16  # Crail calls in flight at most; a call beyond waits (within its t
 # words of a Crail error that mean the connection is gone, not the request bad
 LOST_CONNECTION = ("connection", "broken pipe", "no answer", "closed", "timeout", "timed out")
 RECONNECT_EVERY = 2.0  # seconds: a new client costs a JVM some memory; not one per error
+STAGING = ".staging"  # PATH/.staging/NODE/: uploads on their way to their key
 
 
 def guarded(fn):
@@ -297,7 +298,12 @@ class CrailStore(Store):
                 )
                 node.syncDir()
             except j["JException"] as exc:
-                if "exists" not in _text(exc):  # made meanwhile by another thread or node
+                text = _text(exc)
+                if "exists" not in text:  # made meanwhile by another thread or node
+                    if "missing" in text:
+                        # the tree changed under us (a Crail restarted empty):
+                        # what this store knew it had made, it makes again
+                        self._dirs.clear()
                     raise self._failed(f"mkdir {path}", exc) from None
         self._dirs.add(path)
 
@@ -386,13 +392,25 @@ class CrailStore(Store):
         node.syncDir()
         return True
 
+    def _upload_path(self) -> str:
+        """Where an upload goes before its rename: this node's own directory,
+        so clean_staging finds what a crash left there without a full listing."""
+        d = f"{self.base}/{STAGING}/{self.node}"
+        for p in (self.base, f"{self.base}/{STAGING}", d):
+            self._mkdir(p)
+        return f"{d}/{uuid.uuid4().hex}"
+
     def _publish(self, tmp: str, path: str) -> None:
         """Rename TMP to PATH, replacing what is there (Crail's rename does not)."""
         fs = self._client()
+        self._mkdir(path.rsplit("/", 1)[0])
         try:
             if self._lookup(path) is not None:
                 self._remove(path)
-            self._wait(fs.rename(tmp, path)).syncDir()
+            node = self._wait(fs.rename(tmp, path))
+            if node is None:
+                raise StoreError(f"crail rename {tmp} to {path}: refused")
+            node.syncDir()
         except self._j["JException"] as exc:
             raise self._failed(f"rename {tmp}", exc) from None
 
@@ -404,7 +422,7 @@ class CrailStore(Store):
 
     def _put(self, key: str, data: bytes) -> None:
         path = self.path(key)
-        tmp = f"{path}.{self.node}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = self._upload_path()
         mv = memoryview(data)
 
         def source(buf, off):
@@ -457,9 +475,11 @@ class CrailStore(Store):
     def _list(self, prefix: str) -> "list[str]":
         keys = []
         for sub in self._children(self.base):
+            if sub == STAGING:
+                continue
             for name in self._children(f"{self.base}/{sub}"):
                 key = f"{sub}/{name}"
-                if not name.endswith(".tmp") and key.startswith(prefix):
+                if key.startswith(prefix):
                     keys.append(key)
         return sorted(keys)
 
@@ -499,8 +519,16 @@ class CrailStore(Store):
 
     def clean_staging(self, is_live=None) -> int:
         """Settle this node's commits a crash interrupted (see LocalStore's):
-        an object etcd does not reference goes, and so does every staged file."""
+        an object etcd does not reference goes, and so does every staged file
+        and every upload left in Crail's staging directory of this node."""
         n = 0
+        d = f"{self.base}/{STAGING}/{self.node}"
+        try:
+            for name in self._run(f"list {d}", self._children, d):
+                self._quietly_remove(f"{d}/{name}")
+                n += 1
+        except KvfsError:
+            pass  # Crail not answering: the next start settles them
         for f in os.listdir(self.local.staging_dir):
             key = f.replace("%", "/")
             try:
@@ -585,17 +613,19 @@ class CrailWriter(StoreWriter):
     def commit(self) -> None:
         s = self._store
         path = s.path(self._key)
-        tmp = f"{path}.{s.node}.{uuid.uuid4().hex[:8]}.tmp"
         fd = self._local.fileno()
+        tmp = []
 
         def upload():
-            s._write(tmp, lambda buf, off: os.preadv(fd, [buf], off), self._local.size())
-            s._publish(tmp, path)
+            tmp.append(s._upload_path())
+            s._write(tmp[0], lambda buf, off: os.preadv(fd, [buf], off), self._local.size())
+            s._publish(tmp[0], path)
 
         try:
             s._run(f"commit {self._key}", upload)
         except BaseException:
-            s._quietly_remove(tmp)
+            if tmp:
+                s._quietly_remove(tmp[0])
             self.abort()
             raise
         # the staged file stays, as the intent record, until forget_intent (and
