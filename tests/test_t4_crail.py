@@ -14,7 +14,8 @@ import uuid
 import pytest
 
 from kvfs.config import load_config
-from kvfs.store.crail import CrailStore
+from kvfs.errors import KvfsError
+from kvfs.store.crail import CrailStore, parse_spec
 
 from kvfstest import KVFS, wait_for
 
@@ -44,6 +45,15 @@ def write_layers(mnt, session, n, size):
         data[name] = os.urandom(size)
         (mnt / session / name).write_bytes(data[name])
     return data
+
+
+def test_store_specs():
+    assert parse_spec("//nn:9060/kvfs") == ("nn:9060", "/kvfs")
+    assert parse_spec("//nn:9060/a/b/") == ("nn:9060", "/a/b")
+    assert parse_spec("./crail_kvcache") == (None, "/crail_kvcache")  # the original's default
+    assert parse_spec("/kv") == (None, "/kv")
+    with pytest.raises(KvfsError, match="HOST:PORT"):
+        parse_spec("//nn/kvfs")
 
 
 def test_interrupted_commits_are_settled_at_the_next_start(spec, tmp_path):

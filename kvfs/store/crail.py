@@ -27,6 +27,7 @@ import functools
 import glob
 import logging
 import os
+import posixpath
 import shutil
 import sys
 import tempfile
@@ -167,8 +168,9 @@ def parse_spec(arg: str) -> tuple[str | None, str]:
         address, _, path = rest.partition("/")
         if not address or ":" not in address:
             raise KvfsError(f"crail store {arg!r}: expected crail://HOST:PORT/PATH")
-        return address, "/" + path.strip("/")
-    return None, "/" + (arg or "kvfs").strip("/")
+        return address, posixpath.normpath("/" + path.lstrip("/"))
+    # the original's crail_dir may be relative ("./crail_kvcache"): from the root
+    return None, posixpath.normpath("/" + (arg or "kvfs").lstrip("/"))
 
 
 WORKERS = 16  # Crail calls in flight at most; a call beyond waits (within its time limit)
