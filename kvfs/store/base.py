@@ -63,6 +63,35 @@ class StoreWriter(ABC):
         """Drop the staged bytes; never raises."""
 
 
+class LocallyStagedWriter(StoreWriter):
+    """A writer whose bytes are staged in a local file (`self._local`, a local
+    store's writer) until `commit` sends them on: stores in front of or
+    beside a remote medium, so the kernel can write the staged file itself."""
+
+    _local: StoreWriter
+
+    def pwrite(self, data, offset: int) -> int:
+        return self._local.pwrite(data, offset)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return self._local.pread(size, offset)
+
+    def truncate(self, size: int) -> None:
+        self._local.truncate(size)
+
+    def size(self) -> int:
+        return self._local.size()
+
+    def fileno(self) -> int:
+        return self._local.fileno()
+
+    def fallocate(self, mode: int, offset: int, length: int) -> None:
+        self._local.fallocate(mode, offset, length)
+
+    def data_ranges(self, size: int):
+        return self._local.data_ranges(size)
+
+
 class StoreReader(ABC):
     """An object opened for repeated ranged reads."""
 

@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import KvfsError, NotFound, StoreError
-from .base import ObjectStat, Store, StoreReader, StoreWriter
+from .base import LocallyStagedWriter, ObjectStat, Store, StoreReader, StoreWriter
 from .local import LocalReader, LocalStore
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class _FdReader(LocalReader):
         self._store = store
 
 
-class CachedWriter(StoreWriter):
+class CachedWriter(LocallyStagedWriter):
     """Staged as a local file in the cache; the commit uploads it, then keeps it."""
 
     def __init__(self, cache: "CachedStore", key: str):
@@ -60,27 +60,6 @@ class CachedWriter(StoreWriter):
         self._key = key
         self._local = cache.local.writer(key)
         self._remote: StoreWriter | None = None
-
-    def pwrite(self, data, offset: int) -> int:
-        return self._local.pwrite(data, offset)
-
-    def pread(self, size: int, offset: int) -> bytes:
-        return self._local.pread(size, offset)
-
-    def truncate(self, size: int) -> None:
-        self._local.truncate(size)
-
-    def size(self) -> int:
-        return self._local.size()
-
-    def fileno(self) -> int:
-        return self._local.fileno()
-
-    def fallocate(self, mode: int, offset: int, length: int) -> None:
-        self._local.fallocate(mode, offset, length)
-
-    def data_ranges(self, size: int):
-        return self._local.data_ranges(size)
 
     def commit(self) -> None:
         size = self._local.size()

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
 from ..errors import KvfsError, NotFound, StoreError
-from .base import ObjectStat, Store, StoreReader, StoreWriter
+from .base import LocallyStagedWriter, ObjectStat, Store, StoreReader, StoreWriter
 from .local import LocalStore
 
 log = logging.getLogger(__name__)
@@ -582,7 +582,7 @@ class CrailReader(StoreReader):
         pass
 
 
-class CrailWriter(StoreWriter):
+class CrailWriter(LocallyStagedWriter):
     """Staged in a local file; the commit uploads it and renames it into place."""
 
     def __init__(self, store: CrailStore, key: str):
@@ -590,27 +590,6 @@ class CrailWriter(StoreWriter):
         self._key = key
         self._local = store.local.writer(key)
         self._published = False
-
-    def pwrite(self, data, offset: int) -> int:
-        return self._local.pwrite(data, offset)
-
-    def pread(self, size: int, offset: int) -> bytes:
-        return self._local.pread(size, offset)
-
-    def truncate(self, size: int) -> None:
-        self._local.truncate(size)
-
-    def size(self) -> int:
-        return self._local.size()
-
-    def fileno(self) -> int:
-        return self._local.fileno()
-
-    def fallocate(self, mode: int, offset: int, length: int) -> None:
-        self._local.fallocate(mode, offset, length)
-
-    def data_ranges(self, size: int):
-        return self._local.data_ranges(size)
 
     def commit(self) -> None:
         s = self._store
