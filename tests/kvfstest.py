@@ -34,6 +34,21 @@ def wait_for(cond, timeout=10.0, interval=0.02, what="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def wait_seen(paths, timeout=5.0):
+    """Wait until this mount shows every one of paths another mount wrote."""
+    paths = list(paths)
+    wait_for(lambda: all(os.path.exists(p) for p in paths), timeout, what="names seen here")
+
+
+def seen(path, timeout=5.0):
+    """The bytes of a file another mount wrote. Another node learns of a new
+    name through the etcd watch, within a second (README, "Inspecting"), not
+    at the writer's close, so a reader there waits for it to appear."""
+    wait_seen([path], timeout)
+    with open(path, "rb") as f:
+        return f.read()
+
+
 @dataclass
 class EtcdMember:
     name: str

@@ -17,7 +17,7 @@ from kvfs.config import load_config
 from kvfs.errors import KvfsError
 from kvfs.store.crail import CrailStore, parse_spec
 
-from kvfstest import KVFS, wait_for
+from kvfstest import KVFS, seen, wait_for, wait_seen
 
 
 @pytest.fixture
@@ -109,9 +109,9 @@ def test_two_mounts_share_one_crail_and_one_etcd(make_mount, spec):
     b = make_mount("--store", spec)
     data = write_layers(a.path, "chat", 4, 700_000)
     for name, want in data.items():
-        assert (b.path / "chat" / name).read_bytes() == want
+        assert seen(b.path / "chat" / name) == want
     (b.path / "chat" / "from-b").write_bytes(b"b wrote this")
-    assert (a.path / "chat" / "from-b").read_bytes() == b"b wrote this"
+    assert seen(a.path / "chat" / "from-b") == b"b wrote this"
 
 
 def test_expiry_deletes_from_crail(make_mount, spec, probe):
@@ -174,6 +174,7 @@ def test_ssd_cache_and_prefetch_over_crail_and_crail_down(make_mount, spec, crai
     )
     data = write_layers(a.path, "s", 5, 300_000)
     keys = {n: obj_key(a.path / "s" / n) for n in data}
+    wait_seen(b.path / "s" / n for n in data)  # prefetch follows b's listing
     before = b.status()["counters"]["opens_passthrough"]
     assert (b.path / "s" / "layer00").read_bytes() == data["layer00"]
     wait_for(lambda: b.status()["ssd_cache"]["prefetched"] == 2, 10, what="prefetch")
@@ -204,7 +205,7 @@ def test_ssd_cache_and_prefetch_over_crail_and_crail_down(make_mount, spec, crai
         lambda: _reads(b.path / "s" / "layer04") == data["layer04"], 30, 0.5, "reads after Crail"
     )
     (b.path / "s" / "new").write_bytes(b"stored")
-    assert (a.path / "s" / "new").read_bytes() == b"stored"
+    assert seen(a.path / "s" / "new") == b"stored"
     assert sorted(os.listdir(a.path / "s")) == sorted([*data, "new"])
 
 

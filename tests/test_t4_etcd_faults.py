@@ -109,7 +109,13 @@ def pair(make_mount, proxy):
     other = make_mount(name="other")
     os.mkdir(m.path / "s")
     assert op("write", m.path / "s" / "shared", "v1")[0] == "ok"
-    assert op("read", other.path / "s" / "shared")[:2] == ("ok", "v1")
+    # the other node learns of the new name through its watch, within a second
+    wait_for(
+        lambda: op("read", other.path / "s" / "shared")[:2] == ("ok", "v1"),
+        5,
+        0.1,
+        "the write seen on the other node",
+    )
     return m, other
 
 

@@ -16,7 +16,7 @@ from kvfs.errors import StoreError
 from kvfs.store.cached import CachedStore
 from kvfs.store.memory import MemoryStore
 
-from kvfstest import KVFS, wait_for
+from kvfstest import KVFS, seen, wait_for, wait_seen
 
 MiB = 1 << 20
 
@@ -186,6 +186,7 @@ def test_two_nodes_write_through_and_fill_on_read(make_mount, tmp_path):
     assert (tmp_path / "cache-a" / "objects" / key).read_bytes() == data["layer01"]
     assert ssd(a)["objects"] >= 3
     # the other node fills its cache on the first read and reads by passthrough
+    wait_seen(b.path / "s" / name for name in data)
     before = b.status()["counters"]["opens_passthrough"]
     for name, want in data.items():
         assert (b.path / "s" / name).read_bytes() == want
@@ -204,7 +205,8 @@ def test_outage_gives_eio_cached_files_still_read_and_the_mount_recovers(make_mo
     a = make_mount()
     b = make_mount("--ssd-cache", str(tmp_path / "cache-b"))
     data = write_layers(a.path, "s", 3, 200_000)
-    assert (b.path / "s" / "layer00").read_bytes() == data["layer00"]  # cached now
+    assert seen(b.path / "s" / "layer00") == data["layer00"]  # cached now
+    wait_seen(b.path / "s" / name for name in data)
     objects = a.store / "objects"
     away = a.store / "objects.away"
     objects.rename(away)
@@ -234,7 +236,7 @@ def test_outage_gives_eio_cached_files_still_read_and_the_mount_recovers(make_mo
     # back, without a remount
     assert (b.path / "s" / "layer01").read_bytes() == data["layer01"]
     (b.path / "s" / "new").write_bytes(b"kept")
-    assert (a.path / "s" / "new").read_bytes() == b"kept"
+    assert seen(a.path / "s" / "new") == b"kept"
     assert sorted(os.listdir(a.path / "s")) == ["layer00", "layer01", "layer02", "new"]
 
 
@@ -244,6 +246,7 @@ def test_prefetch_fetches_the_following_layers(make_mount, tmp_path):
     b = make_mount("--ssd-cache", str(cache), "--prefetch", "--prefetch-layers", "2")
     data = write_layers(a.path, "s", 5, 100_000)
     keys = {name: obj_key(a.path / "s" / name) for name in data}
+    wait_seen(b.path / "s" / name for name in data)  # prefetch follows b's listing
     assert (b.path / "s" / "layer01").read_bytes() == data["layer01"]
     wait_for(lambda: ssd(b)["prefetched"] == 2, 10, what="prefetch")
     # the two layers after layer01 (by name), not the one before, not further ones
@@ -299,6 +302,7 @@ def test_the_cache_stays_within_its_size(make_mount, tmp_path):
     cache = tmp_path / "cache-b"
     b = make_mount("--ssd-cache", str(cache), "--ssd-cache-size", "1M")
     data = write_layers(a.path, "s", 6, 300_000)
+    wait_seen(b.path / "s" / name for name in data)
     for _ in range(2):
         for name, want in data.items():
             assert (b.path / "s" / name).read_bytes() == want
