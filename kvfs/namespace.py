@@ -216,7 +216,11 @@ class Namespace:
         sums = decode_blocks(base.blocks) if base.blocks else None
 
         def copy():
-            reader = self.store.reader(base.object)
+            try:
+                reader = self.store.reader(base.object)
+            except NotFound:
+                # etcd names it, the store lost it: EIO, as a read of it gives
+                raise Corrupt(f"object {base.object} is missing from the store") from None
             try:
                 p.copy_from(reader, base.object, base.size, sums)
             finally:

@@ -230,10 +230,12 @@ def test_a_killed_datanode_gives_eio_and_etcd_keeps_every_name(make_mount, spec,
     # the same mount, no remount, stores and reads through the new Crail
     wait_for(lambda: _writes(m.path / "s" / "after", b"after the restart"), 30, 0.5, "writes")
     assert (m.path / "s" / "after").read_bytes() == b"after the restart"
-    # its bytes died with the DataNode: the new Crail has no such object, and
-    # kvfs answers an object missing from the store with ENOENT
-    with pytest.raises(FileNotFoundError):
+    # its bytes died with the DataNode: the new Crail has no such object; the
+    # name is still listed, so a read is an EIO (logged, counted), not ENOENT
+    with pytest.raises(OSError) as e:
         (m.path / "s" / "layer00").read_bytes()
+    assert e.value.errno == errno.EIO
+    assert "missing from the store" in m.log()
 
 
 def _reads(path):

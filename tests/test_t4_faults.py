@@ -365,3 +365,32 @@ def test_many_small_xattrs_keep_the_limit_exactly_and_the_daemon_up(make_mount):
         time.sleep(0.3)
     assert os.getxattr(f, "user.x169") == b"vvv"
     assert m.status()["pid"]  # the daemon answers
+
+
+def test_a_missing_object_is_an_eio_not_a_missing_name(make_mount):
+    # the bytes of a committed name are gone from the store (a wiped Crail, an
+    # object file deleted by hand): `ls` shows the name, so a read says EIO,
+    # logs and counts it; the name can still be removed or written anew
+    m = make_mount()
+    (m.path / "s").mkdir()
+    (m.path / "s" / "f").write_bytes(b"x" * 100_000)
+    (m.path / "s" / "ok").write_bytes(b"fine")
+    obj = m.store / "objects" / os.getxattr(m.path / "s" / "f", "user.kvfs.object").decode()
+    obj.unlink()
+    _drop_caches()
+    with pytest.raises(OSError) as e:
+        (m.path / "s" / "f").read_bytes()
+    assert e.value.errno == errno.EIO
+    st = m.status()
+    assert st["counters"]["corrupt"] >= 1 and st["last_corrupt"] == "s/f"
+    assert "missing from the store" in m.log()
+    with pytest.raises(OSError) as e:
+        with open(m.path / "s" / "f", "ab") as f:
+            f.write(b"tail")
+    assert e.value.errno == errno.EIO
+    assert sorted(os.listdir(m.path / "s")) == ["f", "ok"]
+    assert (m.path / "s" / "ok").read_bytes() == b"fine"
+    (m.path / "s" / "f").write_bytes(b"rewritten")
+    assert (m.path / "s" / "f").read_bytes() == b"rewritten"
+    os.unlink(m.path / "s" / "f")
+    assert os.listdir(m.path / "s") == ["ok"]

@@ -109,7 +109,10 @@ class Reads:
             h = self._handle(node, current)
             h.passthrough = True
             return pyfuse3.FileInfo(fh=h.fh, backing_id=node.backing_id, keep_cache=False)
-        reader = await self.ns.open_reader(current.object)
+        try:
+            reader = await self.ns.open_reader(current.object)
+        except NotFound:
+            raise self._missing(current) from None
         self.pt.served_by_daemon(node)
         h = self._handle(node, current, reader)
         return pyfuse3.FileInfo(fh=h.fh, keep_cache=False, direct_io=True)
@@ -137,12 +140,29 @@ class Reads:
         try:
             return node.entry, await self.ns.open_reader(node.entry.object), False
         except NotFound:
-            # replaced long enough ago that its bytes are gone: serve what etcd
-            # has now, past the page cache (this inode's size is the old version's)
+            pass
+        # replaced long enough ago that its bytes are gone: serve what etcd has
+        # now, past the page cache (this inode's size is the old version's)
+        tried = node.entry.object
+        for _ in range(3):
             current = await self.ns.get_entry_uncached(node.session, node.name)
             if current is None:
-                raise
-            return current, await self.ns.open_reader(current.object), True
+                raise NotFound(node.name)
+            try:
+                return current, await self.ns.open_reader(current.object), True
+            except NotFound:
+                if current.object == tried:
+                    raise self._missing(current) from None
+                tried = current.object  # replaced again meanwhile: once more
+        raise NotFound(node.name)
+
+    def _missing(self, entry: Entry) -> Corrupt:
+        """A name etcd has whose bytes the store lost (a wiped Crail, a deleted
+        object file): EIO, logged and counted, not "No such file" for a name
+        that `ls` shows."""
+        exc = Corrupt(f"object {entry.object} is missing from the store")
+        self.ns.note_corrupt(entry, exc)
+        return exc
 
     async def read(self, h: Handle, off: int, size: int):
         node = h.node
