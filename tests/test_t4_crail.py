@@ -15,6 +15,7 @@ import pytest
 
 from kvfs.config import load_config
 from kvfs.errors import KvfsError
+from kvfs.namespace import DELETE_GRACE
 from kvfs.store.crail import CrailStore, parse_spec
 
 from kvfstest import KVFS, seen, wait_for, wait_seen
@@ -35,6 +36,11 @@ def probe(spec, tmp_path):
 
 def obj_key(path) -> str:
     return os.getxattr(path, "user.kvfs.object").decode()
+
+
+def _drop_caches():
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
 
 
 def write_layers(mnt, session, n, size):
@@ -143,6 +149,40 @@ def test_recover_rebuilds_etcd_from_crail(make_mount, spec, etcd):
     assert "recovered 3 entries" in out
     for name, want in data.items():
         assert (m.path / "s" / name).read_bytes() == want
+
+
+def test_hard_links_over_crail(make_mount, spec, probe, etcd):
+    # links are names in etcd over one Crail object: rm of one name keeps it,
+    # the last takes it, recover brings every name back from the header
+    m = make_mount("--store", spec, "--no-touch-on-read")
+    data = write_layers(m.path, "s", 1, 2 * (1 << 20) + 5)["layer00"]
+    os.mkdir(m.path / "t")
+    os.link(m.path / "s" / "layer00", m.path / "t" / "shared")
+    os.link(m.path / "s" / "layer00", m.path / "s" / "again")
+    key = obj_key(m.path / "s" / "layer00")
+    assert os.stat(m.path / "t" / "shared").st_nlink == 3
+    assert (m.path / "t" / "shared").read_bytes() == data
+    # one data object (and its header) in Crail for three names
+    assert [k for k in probe.list() if k.endswith(".kvd")] == [key]
+    os.unlink(m.path / "s" / "again")
+    m.umount()
+    subprocess.run(
+        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "ETCDCTL_API": "3"},
+    )
+    m.mount()
+    subprocess.run(KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True)
+    assert os.listdir(m.path / "s") == ["layer00"] and os.listdir(m.path / "t") == ["shared"]
+    assert os.stat(m.path / "t" / "shared").st_nlink == 2
+    os.unlink(m.path / "s" / "layer00")
+    time.sleep(DELETE_GRACE + 1)  # past the grace a removed version's bytes get
+    assert probe.exists(key)
+    _drop_caches()
+    assert (m.path / "t" / "shared").read_bytes() == data
+    os.unlink(m.path / "t" / "shared")
+    wait_for(lambda: not probe.exists(key), 10, what="the last name's object deleted")
 
 
 def test_config_file_storage_type_crail(make_mount, crail, tmp_path):
