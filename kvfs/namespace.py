@@ -668,8 +668,13 @@ class Namespace:
         if info is None:
             raise NotFound(f"session {p.session} was removed")
 
-    async def commit(self, p: PendingFile) -> Entry:
-        """Publish a pending file as the current version of its name."""
+    async def commit(self, p: PendingFile, through: Entry | None = None) -> Entry:
+        """Publish a pending file as the current version of its name.
+
+        THROUGH is the version the writer opened, when it had other names
+        (hard links): a file written through one name changes under all of
+        them, as on any filesystem, if the name still holds that version.
+        """
         now = time.time_ns()
         check_xattr_room(p.xattrs)
         await self.make_room(Entry(session=p.session, name=p.name, size=p.size))
@@ -699,8 +704,12 @@ class Namespace:
             return entry
 
         entry = await self.call_io(seal)
+        moved: list[Entry] = []
         try:
-            prev = await self._publish_version(entry)
+            if through is not None and through.links:
+                prev, moved = await self._publish_through_links(entry, through)
+            if not moved:
+                prev = await self._publish_version(entry)
         except MetaUnavailable:
             # etcd may or may not have applied it: leave the intent record, the
             # next start of this node settles it against etcd
@@ -712,14 +721,37 @@ class Namespace:
                 await self.call_io(p.forget_intent)
             raise
         self.later(p.forget_intent)  # the intent record can go at leisure
-        self.cache.put_entry(entry)
-        self._index_set(entry.session, entry.name, entry)
-        if prev is not None and prev.object != entry.object:
-            await self._release_object_safely(prev, entry.session, entry.name)
+        if moved:
+            # every name holds the new version: the old file has none left
+            entry = next(e for e in moved if (e.session, e.name) == (entry.session, entry.name))
+            self.delete_object_later(prev.object)
+            self.later(functools.partial(self._write_header, entry), 0.0, "header of links")
+        else:
+            self.cache.put_entry(entry)
+            self._index_set(entry.session, entry.name, entry)
+            if prev is not None and prev.object != entry.object:
+                await self._release_object_safely(prev, entry.session, entry.name)
         self.counters["commits"] += 1
         self.counters["files_written"] += 1
         self.counters["bytes_written"] += entry.size
         return entry
+
+    async def _publish_through_links(self, entry: Entry, through: Entry):
+        """(previous version, the new one under every name), or (None, []) when
+        the name no longer holds THROUGH's file: then the commit replaces this
+        name only, as a replace by rename(2) would."""
+
+        async def attempt():
+            current = await self.call_meta(self.meta.get_entry, entry.session, entry.name)
+            if current is None or current.version != through.version or not current.links:
+                return None, []
+            files = await self._file_names(current)
+            links = _links_of(files)
+            news = [entry.renamed(e.session, e.name, links=links) for e in files]
+            await self._publish(list(zip(news, [e.rev for e in files], strict=True)), [])
+            return current, news
+
+        return await self.retrying(f"{entry.session}/{entry.name}", attempt)
 
     async def _publish_version(self, entry: Entry) -> Entry | None:
         """Publish a sealed version; commits arriving meanwhile share a transaction.

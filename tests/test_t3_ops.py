@@ -584,17 +584,25 @@ def test_hard_links_share_the_file_and_free_it_with_the_last_name(fs):
     fs(body)
 
 
-def test_replacing_or_renaming_one_name_keeps_the_other(fs):
+def test_writing_one_name_writes_the_file_replacing_it_keeps_the_other(fs):
     async def body(ops, ns, store):
         s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
         await write_file(ops, s.st_ino, b"a", b"old")
         a = await ops.lookup(s.st_ino, b"a", CTX)
         await ops.link(a.st_ino, s.st_ino, b"b", CTX)
-        await write_file(ops, s.st_ino, b"a", b"new")  # a new file under a
+        # written through a: the file changes, under both names, in one step
+        await write_file(ops, s.st_ino, b"a", b"new")
+        a, b = await ns.get_entry_uncached("s", "a"), await ns.get_entry_uncached("s", "b")
+        assert a.version == b.version and sorted(b.links) == [("s", "a"), ("s", "b")]
+        assert await read_all(ops, (await ops.lookup(s.st_ino, b"b", CTX)).st_ino) == b"new"
+        assert ns.used == 3  # one file
+        # replaced by rename(2): a new file under a; b keeps the one it had
+        await write_file(ops, s.st_ino, b"tmp", b"other")
+        await ops.rename(s.st_ino, b"tmp", s.st_ino, b"a", 0, CTX)
         b = await ns.get_entry_uncached("s", "b")
         assert b.links == [] and (await ns.get_entry_uncached("s", "a")).links == []
-        assert await read_all(ops, (await ops.lookup(s.st_ino, b"b", CTX)).st_ino) == b"old"
-        assert len(await data_objects(store)) == 2
+        assert await read_all(ops, (await ops.lookup(s.st_ino, b"b", CTX)).st_ino) == b"new"
+        assert await read_all(ops, (await ops.lookup(s.st_ino, b"a", CTX)).st_ino) == b"other"
         # rename of a linked name: the other name learns the new one
         b_ino = (await ops.lookup(s.st_ino, b"b", CTX)).st_ino
         await ops.link(b_ino, s.st_ino, b"c", CTX)

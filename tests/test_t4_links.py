@@ -74,6 +74,44 @@ def test_rm_of_a_session_erases_what_only_it_used(make_mount):
     assert len(objects_after_grace(m)) == 1
 
 
+def test_writing_through_any_name_writes_the_file(make_mount):
+    # as on any filesystem: the names share one file, so a write through one
+    # (truncating, appending, cp onto it) is read through all of them
+    a_mnt, other = make_mount(), make_mount()
+    for s in ("s", "t"):
+        (a_mnt.path / s).mkdir()
+    a, b = a_mnt.path / "s" / "a", a_mnt.path / "t" / "b"
+    a.write_bytes(b"old bytes")
+    os.link(a, b)
+    b.write_bytes(b"written through b")  # the second name, opened O_TRUNC
+    assert a.read_bytes() == b"written through b"
+    with open(a, "ab") as f:  # the first name, O_APPEND
+        f.write(b" + a's tail")
+    want = b"written through b + a's tail"
+    assert os.stat(b).st_size == os.stat(a).st_size == len(want)  # this very process
+    assert b.read_bytes() == want
+    subprocess.run(["cp", str(a_mnt.path / "s" / "a"), str(a_mnt.path / "s" / "copy")], check=True)
+    subprocess.run(["sh", "-c", f"echo shell > {b}"], check=True)
+    assert a.read_bytes() == b"shell\n"
+    sa, sb = os.stat(a), os.stat(b)
+    assert sa.st_ino == sb.st_ino and sa.st_nlink == sb.st_nlink == 2
+    assert sorted(os.getxattr(a, "user.kvfs.links").decode().split("\n")) == ["s/a", "t/b"]
+    wait_for(lambda: seen_bytes(other.path / "t" / "b") == b"shell\n", 5, what="b on the other")
+    wait_for(lambda: seen_bytes(other.path / "s" / "a") == b"shell\n", 5, what="a on the other")
+    assert len(objects_after_grace(a_mnt)) == 2  # the linked file and the copy
+    # a replace by rename(2) gives one name a new file; the other keeps the old
+    (a_mnt.path / "s" / "copy").rename(a)
+    assert a.read_bytes() == want and b.read_bytes() == b"shell\n"
+    assert os.stat(b).st_nlink == 1
+
+
+def seen_bytes(path):
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
 def test_two_mounts_see_links_come_and_go(make_mount):
     a, b = make_mount(), make_mount()
     (a.path / "s").mkdir()

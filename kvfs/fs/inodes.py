@@ -86,6 +86,9 @@ class InodeTable:
         # (session, name) -> {claimant thread: writer ino}: a writer's lookup and the
         # "is anyone writing this name" checks are dict hits, not scans
         self._claims: dict[tuple[str, str], dict[int, int]] = {}
+        # (thread, version inode) -> when: a writable open of a file with
+        # several names was sent back (ESTALE) to learn its name at the lookup
+        self._reopens: dict[tuple[int, int], float] = {}
         self._next_ino = ROOT + 1
 
     def get(self, ino: int) -> Node:
@@ -225,6 +228,17 @@ class InodeTable:
         node.pinned = time.monotonic()
         owners[claimant] = node.ino
         return node
+
+    def expect_reopen(self, claimant: int, ino: int) -> None:
+        now = time.monotonic()
+        if len(self._reopens) > 1024:
+            self._reopens = {k: t for k, t in self._reopens.items() if now - t < CLAIM_TTL}
+        self._reopens[(claimant, ino)] = now
+
+    def reopening(self, claimant: int, ino: int) -> bool:
+        """Whether thread CLAIMANT's lookup that found inode INO retries its writable open."""
+        t = self._reopens.pop((claimant, ino), None)
+        return t is not None and time.monotonic() - t < CLAIM_TTL
 
     def new_writer(self, session: str, name: str, base: Entry | None, owner: int = 0):
         """A writer inode nobody can look up (truncate by path uses one)."""

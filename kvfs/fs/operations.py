@@ -202,6 +202,13 @@ class Operations(pyfuse3.Operations):
                         raise NotFound(fname)
                     node = self.inodes.version(entry)
                     attr = attrs.file_attr(node, entry)
+                    if ctx is not None and self.inodes.reopening(ctx.pid, node.ino):
+                        # the retry of a writable open of this linked file: the
+                        # writer inode goes to the name it came by
+                        node = self.inodes.claim(
+                            parent.session, fname, ctx.pid, tgid(ctx.pid), entry
+                        )
+                        attr = attrs.writer_attr(node, self.uid, self.gid)
         except NotFound:
             return attrs.negative()
         self.inodes.looked_up(node)
@@ -445,8 +452,13 @@ class Operations(pyfuse3.Operations):
                 # Not on this inode: readers share it. Hand the writer an inode
                 # of its own; the kernel retries the open once on ESTALE,
                 # looking the name up again, and finds it.
-                current = await self.ns.get_entry(node.session, node.name)
-                self.inodes.claim(node.session, node.name, ctx.pid, tgid(ctx.pid), current)
+                if node.entry.links or len({(s, n) for s, n, _ in node.keys}) > 1:
+                    # a file with several names: which one is being opened
+                    # shows only in the lookup the retry makes (see lookup)
+                    self.inodes.expect_reopen(ctx.pid, node.ino)
+                else:
+                    current = await self.ns.get_entry(node.session, node.name)
+                    self.inodes.claim(node.session, node.name, ctx.pid, tgid(ctx.pid), current)
                 raise pyfuse3.FUSEError(errno.ESTALE)
             return await self.reads.open_version(node)
         if not writable:

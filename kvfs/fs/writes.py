@@ -161,7 +161,8 @@ class Writes:
         self._seal(node)
         node.committing = inflight = CommitInFlight()
         try:
-            entry = await self.ns.commit(p)
+            # a file opened under one of its several names is written under all
+            entry = await self.ns.commit(p, through=node.entry)
         except BaseException as exc:
             inflight.error = exc
             with trio.CancelScope(shield=True):
@@ -180,9 +181,10 @@ class Writes:
         # the name moves to the new version's inode; wait for the kernel to
         # forget the old binding, so the writer's next open finds the new one
         # (none of close, release or setattr holds the directory's lock)
-        sino = self.inodes.session_ino(p.session)
-        if sino is not None and self.inodes.other_version_bound(p.session, p.name, entry.version):
-            await self.kernel.forget_entry_now(sino, p.name)
+        for session, name in entry.names:
+            sino = self.inodes.session_ino(session)
+            if sino is not None and self.inodes.other_version_bound(session, name, entry.version):
+                await self.kernel.forget_entry_now(sino, name)
 
     def _seal(self, node: WriterNode) -> None:
         """NODE's staged version is gone (committed or dropped).
