@@ -21,7 +21,11 @@ DATA = st.binary(max_size=3000)
 
 
 class FsModel(RuleBasedStateMachine):
-    """What a filesystem of sessions and files must do, next to the real mount."""
+    """What a filesystem of sessions and files must do, next to the real mount.
+
+    Names point at files, so hard links behave as on any filesystem: a write
+    through one name is read through all; rename and unlink act on names.
+    """
 
     root = None
 
@@ -29,7 +33,9 @@ class FsModel(RuleBasedStateMachine):
         super().__init__()
         for entry in os.listdir(self.root):
             shutil.rmtree(self.root / entry)
-        self.model: dict[str, dict[str, bytes]] = {}
+        self.model: dict[str, dict[str, int]] = {}  # session -> name -> file
+        self.files: dict[int, bytes] = {}
+        self.next_file = 0
 
     def _expect(self, fn, err):
         """Run FN; it must fail with ERR when ERR is set, else succeed."""
@@ -39,6 +45,15 @@ class FsModel(RuleBasedStateMachine):
         with pytest.raises(OSError) as e:
             fn()
         assert e.value.errno == err
+
+    def _set(self, s, n, data):
+        """The bytes of S/N after a write through it: its file's, or a new file's."""
+        if n in self.model[s]:
+            self.files[self.model[s][n]] = data
+        else:
+            self.next_file += 1
+            self.files[self.next_file] = data
+            self.model[s][n] = self.next_file
 
     @rule(s=SESSIONS)
     def mkdir(self, s):
@@ -62,7 +77,7 @@ class FsModel(RuleBasedStateMachine):
             lambda: (self.root / s / n).write_bytes(data), None if s in self.model else errno.ENOENT
         )
         if s in self.model:
-            self.model[s][n] = data
+            self._set(s, n, data)
 
     @rule(s=SESSIONS, n=NAMES, data=DATA)
     def append(self, s, n, data):
@@ -72,23 +87,36 @@ class FsModel(RuleBasedStateMachine):
 
         self._expect(go, None if s in self.model else errno.ENOENT)
         if s in self.model:
-            self.model[s][n] = self.model[s].get(n, b"") + data
+            old = self.files[self.model[s][n]] if n in self.model[s] else b""
+            self._set(s, n, old + data)
 
     @rule(s=SESSIONS, n=NAMES, size=st.integers(0, 4000))
     def truncate(self, s, n, size):
         exists = n in self.model.get(s, {})
         self._expect(lambda: os.truncate(self.root / s / n, size), None if exists else errno.ENOENT)
         if exists:
-            old = self.model[s][n]
-            self.model[s][n] = old[:size] + bytes(max(0, size - len(old)))
+            old = self.files[self.model[s][n]]
+            self._set(s, n, old[:size] + bytes(max(0, size - len(old))))
 
     @rule(s=SESSIONS, n=NAMES, s2=SESSIONS, n2=NAMES)
     def rename(self, s, n, s2, n2):
         exists = n in self.model.get(s, {})
         err = None if exists and s2 in self.model else errno.ENOENT
         self._expect(lambda: os.rename(self.root / s / n, self.root / s2 / n2), err)
-        if err is None and (s, n) != (s2, n2):
+        # onto another name of the same file: rename(2) does nothing
+        if err is None and self.model[s2].get(n2) != self.model[s][n]:
             self.model[s2][n2] = self.model[s].pop(n)
+
+    @rule(s=SESSIONS, n=NAMES, s2=SESSIONS, n2=NAMES)
+    def link(self, s, n, s2, n2):
+        exists = n in self.model.get(s, {})
+        if not exists or s2 not in self.model:
+            err = errno.ENOENT
+        else:
+            err = errno.EEXIST if n2 in self.model[s2] else None
+        self._expect(lambda: os.link(self.root / s / n, self.root / s2 / n2), err)
+        if err is None:
+            self.model[s2][n2] = self.model[s][n]
 
     @rule(s=SESSIONS, n=NAMES)
     def unlink(self, s, n):
@@ -100,11 +128,19 @@ class FsModel(RuleBasedStateMachine):
     @invariant()
     def same_tree(self):
         assert sorted(os.listdir(self.root)) == sorted(self.model)
+        names = [(s, n, f) for s, files in self.model.items() for n, f in files.items()]
+        inodes = {}
         for s, files in self.model.items():
             assert sorted(os.listdir(self.root / s)) == sorted(files)
-            for n, data in files.items():
-                assert (self.root / s / n).read_bytes() == data
-                assert os.stat(self.root / s / n).st_size == len(data)
+        for s, n, f in names:
+            data = self.files[f]
+            st_ = os.stat(self.root / s / n)
+            assert (self.root / s / n).read_bytes() == data, (s, n)
+            assert st_.st_size == len(data)
+            assert st_.st_nlink == sum(1 for _, _, g in names if g == f), (s, n)
+            # the names of one file share its inode, and only they do
+            assert inodes.setdefault(f, st_.st_ino) == st_.st_ino, (s, n)
+        assert len(set(inodes.values())) == len(inodes)
 
 
 def test_random_operations_match_the_model(kvfs_mount):
@@ -112,7 +148,7 @@ def test_random_operations_match_the_model(kvfs_mount):
     run_state_machine_as_test(
         FsModel,
         settings=settings(
-            max_examples=25,
+            max_examples=100,
             stateful_step_count=15,
             deadline=None,
             suppress_health_check=list(HealthCheck),
