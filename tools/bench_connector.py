@@ -79,6 +79,8 @@ def run_variant(spec: dict) -> dict:
             # must be allowed to run off a kvfs mount
             "kv_connector_extra_config": {"mount": path, "require_kvfs": kind == "kvfs-mount"},
         }
+        if spec.get("chunk_size"):
+            ktc["kv_connector_extra_config"]["chunk_size"] = spec["chunk_size"]
     else:
         ktc = {
             "kv_connector": "ExampleConnector",
@@ -181,6 +183,7 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--variants", nargs="+", default=["kvfs-mount", "kvfs-plain", "example-plain"])
     p.add_argument("--rounds", type=int, default=1, help="run the variants this often, in turn")
+    p.add_argument("--chunk-size", type=int, help="the connector's tokens per chunk file")
     p.add_argument("--json", help="write the raw results here")
     p.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -220,7 +223,7 @@ def main(argv=None) -> None:
                     shutil.rmtree(path, ignore_errors=True)
                     os.makedirs(path)
                 spec = dict(variant=variant, path=path, model=model, dtype=args.dtype)
-                spec.update(lengths=args.lengths, repeats=args.repeats)
+                spec.update(lengths=args.lengths, repeats=args.repeats, chunk_size=args.chunk_size)
                 sp, op = work / f"{variant}.spec", work / f"{variant}.out"
                 sp.write_text(json.dumps(spec))
                 proc = subprocess.run(
