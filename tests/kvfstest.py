@@ -34,6 +34,16 @@ def wait_for(cond, timeout=10.0, interval=0.02, what="condition"):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def lose_etcd_data(m, etcd) -> None:
+    """etcd's data for this filesystem is lost (its key prefix deleted)."""
+    subprocess.run(
+        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "ETCDCTL_API": "3"},
+    )
+
+
 def wait_seen(paths, timeout=5.0):
     """Wait until this mount shows every one of paths another mount wrote."""
     paths = list(paths)

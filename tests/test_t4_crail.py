@@ -18,7 +18,7 @@ from kvfs.errors import KvfsError
 from kvfs.namespace import DELETE_GRACE
 from kvfs.store.crail import CrailStore, parse_spec
 
-from kvfstest import KVFS, seen, wait_for, wait_seen
+from kvfstest import KVFS, lose_etcd_data, seen, wait_for, wait_seen
 
 
 @pytest.fixture
@@ -135,12 +135,7 @@ def test_recover_rebuilds_etcd_from_crail(make_mount, spec, etcd):
     m = make_mount("--store", spec, "--no-touch-on-read")
     data = write_layers(m.path, "s", 3, 5000)
     m.umount()
-    subprocess.run(
-        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "ETCDCTL_API": "3"},
-    )
+    lose_etcd_data(m, etcd)
     m.mount()
     assert os.listdir(m.path) == []
     out = subprocess.run(
@@ -166,12 +161,7 @@ def test_hard_links_over_crail(make_mount, spec, probe, etcd):
     assert [k for k in probe.list() if k.endswith(".kvd")] == [key]
     os.unlink(m.path / "s" / "again")
     m.umount()
-    subprocess.run(
-        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "ETCDCTL_API": "3"},
-    )
+    lose_etcd_data(m, etcd)
     m.mount()
     subprocess.run(KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True)
     assert os.listdir(m.path / "s") == ["layer00"] and os.listdir(m.path / "t") == ["shared"]

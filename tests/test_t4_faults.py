@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from kvfstest import KVFS, EtcdCluster, _alive, wait_for
+from kvfstest import KVFS, EtcdCluster, _alive, lose_etcd_data, wait_for
 
 HERE = Path(__file__).parent
 
@@ -28,16 +28,6 @@ def committed_objects(m):
 
 def store_objects(m):
     return {str(p.relative_to(m.store / "objects")) for p in (m.store / "objects").rglob("*.kvd")}
-
-
-def lose_etcd_data(m, etcd) -> None:
-    """etcd's data for this filesystem is lost (its key prefix deleted)."""
-    subprocess.run(
-        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "ETCDCTL_API": "3"},
-    )
 
 
 def test_sigkill_mid_writes_loses_nothing_committed(make_mount, tmp_path):

@@ -4,9 +4,9 @@ import os
 import subprocess
 import time
 
-from test_t4_faults import lose_etcd_data, store_objects
+from test_t4_faults import store_objects
 
-from kvfstest import KVFS, wait_for
+from kvfstest import KVFS, lose_etcd_data, wait_for
 
 
 def objects_after_grace(m):

@@ -16,7 +16,7 @@ from kvfs.errors import StoreError
 from kvfs.store.cached import CachedStore
 from kvfs.store.memory import MemoryStore
 
-from kvfstest import KVFS, seen, wait_for, wait_seen
+from kvfstest import KVFS, lose_etcd_data, seen, wait_for, wait_seen
 
 MiB = 1 << 20
 
@@ -281,12 +281,7 @@ def test_recover_on_a_cached_mount_rebuilds_from_the_store(make_mount, tmp_path,
     m = make_mount("--ssd-cache", str(tmp_path / "cache"), "--no-touch-on-read")
     data = write_layers(m.path, "s", 3, 5000)
     m.umount()
-    subprocess.run(
-        ["etcdctl", "--endpoints", etcd.endpoints, "del", "--prefix", m.prefix],
-        check=True,
-        capture_output=True,
-        env={**os.environ, "ETCDCTL_API": "3"},
-    )
+    lose_etcd_data(m, etcd)
     m.mount()
     assert os.listdir(m.path) == []
     out = subprocess.run(
