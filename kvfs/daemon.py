@@ -180,6 +180,8 @@ class Daemon:
                     "opens_daemon",
                     "scrubbed",
                     "quarantined",
+                    # large commits whose block sums were computed after publishing
+                    "sums_after_publish",
                 )
             },
             # how open files are served: the kernel itself, or the daemon
@@ -532,6 +534,7 @@ class Daemon:
             ttl=cfg.ttl,
             node=self.node,
             max_file_size=cfg.max_file_size,
+            sums_at_commit=cfg.verify_reads,
         )
         await ns.load_index()
         kernel = Kernel()

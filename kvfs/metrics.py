@@ -85,6 +85,10 @@ COUNTERS = {
     "quarantined": ("kvfs_quarantined", "Versions quarantined by a scrub."),
     "scrubbed": ("kvfs_scrubbed_files", "Files whose stored bytes a scrub checked."),
     "inline_reads": ("kvfs_inline_reads", "Daemon reads served on the event loop."),
+    "sums_after_publish": (
+        "kvfs_sums_after_publish",
+        "Large commits whose block checksums were computed after publishing.",
+    ),
     "index_negatives": (
         "kvfs_index_negatives",
         "Lookups of absent names answered from the index without etcd.",

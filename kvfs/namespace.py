@@ -37,6 +37,7 @@ from .metacache import MetaCache
 from .objects import (
     BLOCK,
     HEADER_SIZE,
+    block_checksum,
     check_blocks,
     data_offset,
     decode_blocks,
@@ -45,6 +46,7 @@ from .objects import (
     encode_xattrs,
     header_key,
     is_legacy,
+    sums_of,
 )
 from .pending import PendingFile
 from .records import Entry, SessionInfo, WatchEvent
@@ -56,6 +58,9 @@ XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
 DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable
 LATER_MAX = 100_000  # background jobs waiting; beyond it one is skipped (and logged)
 CAS_ATTEMPTS = 20  # compare-and-swap rounds before a hot entry is reported as a conflict
+# A commit of this many bytes or more that the kernel wrote (passthrough)
+# publishes first and computes its block sums after (see commit)
+SUMS_LATER_MIN = 8 << 20
 GROUP_MAX = 60  # commits in one etcd transaction (etcd allows 128 operations)
 # transactions in flight at once: commits go straight to etcd (which batches
 # concurrent ones itself) until this many are out; later ones wait and share
@@ -88,6 +93,7 @@ class Namespace:
         ttl: float,
         node: str,
         max_file_size: int = 64 << 30,
+        sums_at_commit: bool = False,
     ):
         self.meta = meta
         self.store = store
@@ -119,6 +125,9 @@ class Namespace:
         self._later_seq = 0
         self._later_wake = trio.Event()
         self.memory_backed = bool(getattr(store, "memory_backed", False))
+        # readers that check every block (--verify-reads) need the sums at once;
+        # a store far away would be read back over the network for them
+        self.sums_later = store.rereads_cheaply and not sums_at_commit
 
     # -- plumbing -----------------------------------------------------------------
 
@@ -682,7 +691,10 @@ class Namespace:
         def seal() -> Entry:
             # one worker-thread trip: checksum, header, durable in the store
             p.check_final_size()
-            digest, sums = p.checksum()
+            # large files the kernel wrote are summed after publishing: close(2)
+            # does not wait for a pass over every byte (_fill_sums)
+            summed = p.checksum(SUMS_LATER_MIN if self.sums_later else None)
+            digest, sums = summed if summed is not None else ("", None)
             entry = Entry(
                 session=p.session,
                 name=p.name,
@@ -693,7 +705,7 @@ class Namespace:
                 object=p.key,
                 version=p.version,
                 checksum=digest,
-                blocks=encode_blocks(sums),
+                blocks=encode_blocks(sums) if sums is not None else "",
                 store=self.store.url,
                 mode=p.mode,
                 uid=p.uid,
@@ -731,10 +743,56 @@ class Namespace:
             self._index_set(entry.session, entry.name, entry)
             if prev is not None and prev.object != entry.object:
                 await self._release_object_safely(prev, entry.session, entry.name)
+        if not entry.checksum:
+            self.later(functools.partial(self._fill_sums, entry), 0.0, f"sums of {entry.object}")
         self.counters["commits"] += 1
         self.counters["files_written"] += 1
         self.counters["bytes_written"] += entry.size
         return entry
+
+    def _fill_sums(self, entry: Entry) -> None:
+        """Blocking (a background job): the block sums of a version published
+        without them, recorded under every name that holds it and in its
+        header. Until then readers are not checked against them (as for a
+        file an older kvfs wrote); a version replaced meanwhile is skipped.
+        """
+        try:
+            reader = self.store.reader(entry.object)
+        except NotFound:
+            return  # replaced and deleted meanwhile
+        try:
+            base = data_offset(entry.object)
+            # one thread: nobody waits for it, and the writer of the next file
+            # should keep the other core
+            sums = sums_of(lambda n, off: reader.pread(n, base + off), entry.size, workers=1)
+        except OSError as exc:
+            log.warning("%s/%s: block sums not computed: %s", entry.session, entry.name, exc)
+            return
+        finally:
+            reader.close()
+        digest, blocks = block_checksum(sums), encode_blocks(sums)
+        for _ in range(CAS_ATTEMPTS):
+            current = self.meta.get_entry(entry.session, entry.name)
+            if current is None or current.version != entry.version or current.checksum:
+                return
+            files = [current]
+            for s, n in current.names:
+                if (s, n) != (current.session, current.name):
+                    e = self.meta.get_entry(s, n)
+                    if e is not None and e.version == current.version:
+                        files.append(e)
+            for e in files:
+                e.checksum, e.blocks = digest, blocks
+            try:
+                self.meta.change_entries([(e, e.rev) for e in files], [])
+            except Conflict:
+                continue
+            self.store.put(
+                header_key(current.object), encode_header(header_meta(current), current.size)
+            )
+            self.counters["sums_after_publish"] += 1
+            return
+        log.warning("%s/%s: block sums not recorded (kept changing)", entry.session, entry.name)
 
     async def _publish_through_links(self, entry: Entry, through: Entry):
         """(previous version, the new one under every name), or (None, []) when
@@ -850,10 +908,15 @@ class Namespace:
                     state["done"] += 1
                     continue
                 seen.add(e.object)
-                if not e.bad:
+                if not e.checksum:
+                    # published before its sums, and the daemon stopped before
+                    # the job that computes them: nothing to check yet, so seal
+                    await self.call_io(self._fill_sums, e)
+                elif not e.bad:
                     reason = await self.call_io(self._check_stored, e)
                     if reason is not None and await self._quarantine(e, reason):
                         state["quarantined"] += 1
+                if not e.bad:
                     read += e.size
                     if rate:
                         ahead = read / rate - (trio.current_time() - t0)

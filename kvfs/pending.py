@@ -203,10 +203,22 @@ class PendingFile:
         """Bytes the kernel wrote past the limits are refused at the commit."""
         self._check_room(self.size)
 
-    def checksum(self) -> tuple[str, list[int]]:
-        """(file checksum, per-block CRC32Cs) of the staged bytes."""
+    def checksum(self, defer_from: int | None = None) -> tuple[str, list[int]] | None:
+        """(file checksum, per-block CRC32Cs) of the staged bytes.
+
+        None, when the sums would need a pass over DEFER_FROM bytes or more
+        (the kernel wrote them, by passthrough): the caller computes them
+        from the committed object later.
+        """
         size = self.size
         sums = self.crc.result(size)
+        if (
+            sums is None
+            and defer_from is not None
+            and size >= defer_from
+            and self._stored(size) == size  # the job reads holes too: sparse files now
+        ):
+            return None
         if sums is None:
             sums = sums_of(
                 self.writer.pread,
@@ -215,6 +227,13 @@ class PendingFile:
                 workers=CHECKSUM_THREADS,
             )
         return block_checksum(sums), sums
+
+    def _stored(self, size: int) -> int:
+        """Bytes of the staged file that hold data, not holes."""
+        ranges = getattr(self.writer, "data_ranges", None)
+        if ranges is None:
+            return size
+        return sum(end - start for start, end in ranges(size))
 
     def commit_object(self, header: bytes) -> None:
         """Make the header, then the data, durable and visible in the store."""

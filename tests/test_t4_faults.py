@@ -3,6 +3,7 @@ store, objects damaged behind the daemon's back."""
 
 import errno
 import hashlib
+import json
 import os
 import signal
 import struct
@@ -12,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from kvfs.objects import block_checksum, sums_of
 
 from kvfstest import KVFS, EtcdCluster, _alive, lose_etcd_data, wait_for
 
@@ -384,3 +387,51 @@ def test_a_missing_object_is_an_eio_not_a_missing_name(make_mount):
     assert (m.path / "s" / "f").read_bytes() == b"rewritten"
     os.unlink(m.path / "s" / "f")
     assert os.listdir(m.path / "s") == ["ok"]
+
+
+def _xattr(path, name):
+    try:
+        return os.getxattr(path, name)
+    except OSError:
+        return None
+
+
+def test_large_files_publish_first_and_get_their_sums_moments_later(make_mount, etcd):
+    # a large file the kernel wrote (passthrough) is published at close without
+    # a pass over its bytes; a background job adds its block sums, and from
+    # then on a scrub finds damage in it as in any file
+    m = make_mount()
+    (m.path / "s").mkdir()
+    data = os.urandom(10 << 20)
+    f = m.path / "s" / "f"
+    f.write_bytes(data)
+    want = block_checksum(sums_of(lambda n, off: data[off : off + n], len(data))).encode()
+    wait_for(lambda: _xattr(f, "user.kvfs.checksum") == want, 10, what="the sums after publishing")
+    assert m.status()["counters"]["sums_after_publish"] == 1
+    # a daemon stopped before that job left an entry without sums: a scrub adds them
+    env = {**os.environ, "ETCDCTL_API": "3"}
+    ctl = ["etcdctl", "--endpoints", etcd.endpoints]
+    key = f"{m.prefix}e/s/f"
+    raw = subprocess.run(
+        [*ctl, "get", key, "--print-value-only"], env=env, capture_output=True, check=True
+    ).stdout
+    record = json.loads(raw)
+    assert record["blocks"]
+    record["checksum"] = record["blocks"] = ""
+    subprocess.run([*ctl, "put", key, json.dumps(record)], env=env, capture_output=True, check=True)
+    wait_for(lambda: _xattr(f, "user.kvfs.checksum") is None, 5, what="the sums gone")
+    subprocess.run(KVFS + ["scrub", str(m.path)], capture_output=True, check=True)
+    wait_for(lambda: _xattr(f, "user.kvfs.checksum") == want, 5, what="the sums from the scrub")
+    # and now damage is found
+    obj = m.store / "objects" / os.getxattr(f, "user.kvfs.object").decode()
+    with open(obj, "r+b") as fh:
+        fh.seek(5_000_000)
+        b = fh.read(1)
+        fh.seek(5_000_000)
+        fh.write(bytes([b[0] ^ 0xFF]))
+    out = subprocess.run(KVFS + ["scrub", str(m.path)], capture_output=True, text=True, check=True)
+    assert "quarantined 1" in out.stdout, out.stdout + out.stderr
+    _drop_caches()
+    with pytest.raises(OSError) as e:
+        f.read_bytes()
+    assert e.value.errno == errno.EIO

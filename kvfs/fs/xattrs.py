@@ -78,6 +78,8 @@ class Xattrs:
         if entry.links:
             # every name of the file, one per line
             out["user.kvfs.links"] = "\n".join(f"{s}/{n}" for s, n in entry.links).encode()
+        if entry.checksum:  # a large file's appears moments after its commit
+            out["user.kvfs.checksum"] = entry.checksum.encode()
         return out | {
             "user.kvfs.size": str(entry.size).encode(),
             "user.kvfs.ctime": str(entry.ctime_ns).encode(),
@@ -85,7 +87,6 @@ class Xattrs:
             "user.kvfs.store": entry.store.encode(),
             "user.kvfs.object": entry.object.encode(),
             "user.kvfs.version": entry.version.encode(),
-            "user.kvfs.checksum": entry.checksum.encode(),
         }
 
     async def user(self, node) -> dict[str, bytes]:

@@ -119,6 +119,10 @@ class Store(ABC):
 
     #: short description shown in xattrs and status, e.g. "local:/var/lib/kvfs"
     url: str
+    #: reading a committed object back costs no more than reading the staged
+    #: file would (local files, RAM): a large commit may leave its block sums
+    #: to a job after publishing (Namespace.commit)
+    rereads_cheaply: bool = False
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None: ...

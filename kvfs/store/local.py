@@ -192,6 +192,8 @@ class LocalReader(StoreReader):
 class LocalStore(Store):
     """Objects live in DIR/objects/KEY; staged writes in DIR/staging/NODE/."""
 
+    rereads_cheaply = True
+
     def __init__(self, root: str, node: str = "default", durable: bool = True, **_):
         self.root = os.path.abspath(root)
         self.url = f"local:{self.root}"

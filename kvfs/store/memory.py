@@ -48,6 +48,8 @@ class MemoryWriter(StoreWriter):
 
 
 class MemoryStore(Store):
+    rereads_cheaply = True
+
     def __init__(self, root: str = "", capacity: int = 1 << 30, **_):
         self.url = "memory:"
         self._capacity = capacity
