@@ -306,42 +306,53 @@ class Bench:
         what = f"{count} x {human(size)}"
         wb, rb = self.wbuf, self.rbuf
 
-        # writes: direct without fsync, direct with fsync, then the mount (to its commit)
-        self.phase(
-            f"write {tag}",
-            "nofsync",
-            f"write {what} direct, no fsync",
-            count,
-            size,
-            lambda pr: write_files(npaths, size, wb, False, pr),
-        )
-        shutil.rmtree(nsdir)
-        self.phase(
-            f"write {tag}",
-            "direct",
-            f"write {what} direct + fsync",
-            count,
-            size,
-            lambda pr: write_files(dpaths, size, wb, True, pr),
-        )
-        target = self.m.commits() + count
-        self.phase(
-            f"write {tag}",
-            "mount",
-            f"write {what} mount",
-            count,
-            size,
-            lambda pr: write_files(
-                mpaths, size, wb, False, pr, lambda: self.m.wait_commits(target)
-            ),
-        )
+        # writes: direct without fsync, direct with fsync, and the mount (to its
+        # commit). The mount goes first in every other pass: a virtual disk
+        # with burst credits gives its fast start to whichever runs first
+        # (measured here: direct writes of 512 MiB went from 0.14 s to 2 s
+        # within a minute), which would otherwise always be direct I/O.
+        def direct_writes():
+            self.phase(
+                f"write {tag}",
+                "nofsync",
+                f"write {what} direct, no fsync",
+                count,
+                size,
+                lambda pr: write_files(npaths, size, wb, False, pr),
+            )
+            shutil.rmtree(nsdir)
+            self.phase(
+                f"write {tag}",
+                "direct",
+                f"write {what} direct + fsync",
+                count,
+                size,
+                lambda pr: write_files(dpaths, size, wb, True, pr),
+            )
 
-        # cold: one drop, then direct and mount; warm: straight after
+        def mount_writes():
+            target = self.m.commits() + count
+            self.phase(
+                f"write {tag}",
+                "mount",
+                f"write {what} mount",
+                count,
+                size,
+                lambda pr: write_files(
+                    mpaths, size, wb, False, pr, lambda: self.m.wait_commits(target)
+                ),
+            )
+
+        for run in (mount_writes, direct_writes) if p % 2 else (direct_writes, mount_writes):
+            run()
+
+        # cold: one drop, then direct and mount (in turn, as above); warm: straight after
+        kinds = (("direct", dpaths), ("mount", mpaths))
         for temp in ("cold", "warm"):
             if temp == "cold" and not drop_caches():
                 self.cold_ok = False
                 self.log("  (could not drop caches: cold reads are not cold)")
-            for kind, paths in (("direct", dpaths), ("mount", mpaths)):
+            for kind, paths in reversed(kinds) if p % 2 else kinds:
                 self.phase(
                     f"{temp} read {tag}",
                     kind,
