@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import self_mount, self_umount
+
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 400
 
@@ -156,20 +158,6 @@ def run_variant(spec: dict) -> dict:
 
 
 # -- the driver ------------------------------------------------------------------------
-
-
-def self_mount(store: Path) -> tuple[Path, Path]:
-    mnt = Path(tempfile.mkdtemp(prefix="kvbench-mnt-"))
-    state = Path(tempfile.mkdtemp(prefix="kvbench-state-"))
-    store.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "kvfs.cli", "mount", str(mnt), "--store", f"local:{store}"]
-    cmd += ["--state-dir", str(state)]
-    subprocess.run(cmd, check=True, timeout=120)
-    return mnt, state
-
-
-def self_umount(mnt: Path) -> None:
-    subprocess.run([sys.executable, "-m", "kvfs.cli", "umount", str(mnt)], timeout=60)
 
 
 def main(argv=None) -> None:

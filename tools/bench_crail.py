@@ -26,28 +26,18 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from benchlib import KVFS, start_etcd, stop_etcd
+
+from kvfs.config import parse_size
+
 MiB = 1 << 20
-KVFS = [sys.executable, "-m", "kvfs.cli"]
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-
-def parse_size(text: str) -> int:
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(s)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def evict(paths) -> None:
@@ -117,15 +107,7 @@ def main() -> int:
     size = parse_size(args.size)
     compute = args.compute_ms / 1000
     base = tempfile.mkdtemp(prefix="kvfs-bench-crail-", dir=args.medium)
-    port, peer = free_port(), free_port()
-    etcd_log = open(os.path.join(base, "etcd.log"), "wb")
-    etcd = subprocess.Popen(
-        ["etcd", "--data-dir", os.path.join(base, "etcd"), "--listen-client-urls",
-         f"http://127.0.0.1:{port}", "--advertise-client-urls", f"http://127.0.0.1:{port}",
-         "--listen-peer-urls", f"http://127.0.0.1:{peer}"],
-        stdout=etcd_log, stderr=etcd_log,
-    )  # fmt: skip
-    endpoint = f"127.0.0.1:{port}"
+    etcd, endpoint = start_etcd(base)
     nodes, results, cluster, direct_store = [], {}, None, None
     try:
         if args.store == "crail":
@@ -141,7 +123,6 @@ def main() -> int:
         else:
             store_dir = os.path.join(base, "store")
             spec = f"local:{store_dir}"
-        time.sleep(1.0)  # etcd
         writer = Node(base, "w", spec, endpoint)
         nodes.append(writer)
         os.makedirs(os.path.join(writer.mnt, "s"))
@@ -205,8 +186,7 @@ def main() -> int:
             direct_store.close()
         if cluster is not None:
             cluster.stop()
-        etcd.terminate()
-        etcd.wait()
+        stop_etcd(etcd)
         shutil.rmtree(base, ignore_errors=True)
     print(
         f"{args.store}: {args.layers} layers x {size // MiB} MiB, "

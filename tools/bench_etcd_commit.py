@@ -13,20 +13,16 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-KVFS = [sys.executable, "-m", "kvfs.cli"]
+from benchlib import KVFS, start_etcd, stop_etcd
+
+from kvfs.config import parse_size
+
 ENV = {**os.environ, "ETCDCTL_API": "3"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def etcd_status(ep: str) -> dict:
@@ -59,12 +55,6 @@ def value_bytes(ep: str, prefix: str) -> tuple[int, int, int]:
     )
 
 
-def parse_size(text: str) -> int:
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    return int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(s)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--medium", default="/dev/shm")
@@ -74,20 +64,11 @@ def main() -> int:
     args = ap.parse_args()
     size = parse_size(args.size)
     base = tempfile.mkdtemp(prefix="kvfs-bench-etcd-", dir=args.medium)
-    port, peer = free_port(), free_port()
-    ep = f"127.0.0.1:{port}"
-    log = open(os.path.join(base, "etcd.log"), "wb")
-    etcd = subprocess.Popen(
-        ["etcd", "--data-dir", os.path.join(base, "etcd"), "--listen-client-urls",
-         f"http://{ep}", "--advertise-client-urls", f"http://{ep}",
-         "--listen-peer-urls", f"http://127.0.0.1:{peer}"],
-        stdout=log, stderr=log,
-    )  # fmt: skip
+    etcd, ep = start_etcd(base)
     mnt = os.path.join(base, "mnt")
     os.makedirs(mnt)
     mounted = False
     try:
-        time.sleep(1.5)
         subprocess.run(
             KVFS + ["mount", mnt, "--store", f"local:{base}/store", "--etcd", ep]
             + ["--state-dir", f"{base}/state", "--etcd-prefix", "/b/"],
@@ -125,8 +106,7 @@ def main() -> int:
     finally:
         if mounted:
             subprocess.run(KVFS + ["umount", mnt], capture_output=True, timeout=60)
-        etcd.terminate()
-        etcd.wait()
+        stop_etcd(etcd)
         shutil.rmtree(base, ignore_errors=True)
     return 0
 

@@ -31,16 +31,10 @@ import sys
 import tempfile
 import time
 
+from kvfs.config import parse_size
+
 GB = 1e9
 MiB = 1 << 20
-
-
-def parse_size(text: str) -> int:
-    s = text.strip().upper().removesuffix("B").removesuffix("I")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
-    if s and s[-1] in mult:
-        return int(float(s[:-1]) * mult[s[-1]])
-    return int(s)
 
 
 def human(n: int) -> str:

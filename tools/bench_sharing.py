@@ -40,6 +40,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchlib import self_mount, self_umount
+
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 400  # the tiny model's vocabulary
 
@@ -145,22 +147,6 @@ def run_variant(spec: dict) -> dict:
 # -- the driver ------------------------------------------------------------------------
 
 
-def self_mount(store: Path, work: Path) -> Path:
-    """Mount kvfs (a private etcd) over `store`; its state and log under `work`."""
-    mnt = Path(tempfile.mkdtemp(prefix="kvshare-mnt-"))
-    state = Path(tempfile.mkdtemp(prefix="kvshare-state-", dir=work))
-    store.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "kvfs.cli", "mount", str(mnt), "--store", f"local:{store}"]
-    subprocess.run(cmd + ["--state-dir", str(state)], check=True, timeout=120)
-    return mnt
-
-
-def self_umount(mnt: Path) -> None:
-    subprocess.run([sys.executable, "-m", "kvfs.cli", "umount", str(mnt)], timeout=60)
-    if not os.path.ismount(mnt):
-        mnt.rmdir()
-
-
 def kvd_bytes(store: Path) -> tuple[int, int]:
     """(objects, bytes) of the store's data objects: one per file, whatever its names."""
     sizes = [p.stat().st_size for p in store.rglob("*.kvd")]
@@ -220,7 +206,7 @@ def main(argv=None) -> None:
                     if args.self_mount:  # a fresh, empty cache every round
                         store = Path(args.self_mount)
                         shutil.rmtree(store, ignore_errors=True)
-                        mounted = self_mount(store, work)
+                        mounted, _ = self_mount(store, work)
                         mount = str(mounted)
                     if not mount:
                         sys.exit("kvfs needs --self-mount STORE or --mount with --store")
