@@ -44,6 +44,19 @@ def lose_etcd_data(m, etcd) -> None:
     )
 
 
+def recover_after_losing_etcd(m, etcd) -> str:
+    """Unmount M, lose etcd's data for it, mount it again (empty), and run
+    `kvfs recover`; what recover printed."""
+    m.umount()
+    lose_etcd_data(m, etcd)
+    m.mount()
+    assert os.listdir(m.path) == []
+    out = subprocess.run(
+        KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True
+    )
+    return out.stdout + out.stderr
+
+
 def wait_seen(paths, timeout=5.0):
     """Wait until this mount shows every one of paths another mount wrote."""
     paths = list(paths)

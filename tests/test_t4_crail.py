@@ -7,7 +7,6 @@ Each test gets a Crail directory of its own; `crail.pause` and
 import errno
 import json
 import os
-import subprocess
 import time
 import uuid
 
@@ -18,7 +17,7 @@ from kvfs.errors import KvfsError
 from kvfs.namespace import DELETE_GRACE
 from kvfs.store.crail import CrailStore, parse_spec
 
-from kvfstest import KVFS, lose_etcd_data, seen, wait_for, wait_seen
+from kvfstest import recover_after_losing_etcd, seen, wait_for, wait_seen
 
 
 @pytest.fixture
@@ -134,13 +133,7 @@ def test_expiry_deletes_from_crail(make_mount, spec, probe):
 def test_recover_rebuilds_etcd_from_crail(make_mount, spec, etcd):
     m = make_mount("--store", spec, "--no-touch-on-read")
     data = write_layers(m.path, "s", 3, 5000)
-    m.umount()
-    lose_etcd_data(m, etcd)
-    m.mount()
-    assert os.listdir(m.path) == []
-    out = subprocess.run(
-        KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True
-    ).stdout
+    out = recover_after_losing_etcd(m, etcd)
     assert "recovered 3 entries" in out
     for name, want in data.items():
         assert (m.path / "s" / name).read_bytes() == want
@@ -160,10 +153,7 @@ def test_hard_links_over_crail(make_mount, spec, probe, etcd):
     # one data object (and its header) in Crail for three names
     assert [k for k in probe.list() if k.endswith(".kvd")] == [key]
     os.unlink(m.path / "s" / "again")
-    m.umount()
-    lose_etcd_data(m, etcd)
-    m.mount()
-    subprocess.run(KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True)
+    recover_after_losing_etcd(m, etcd)
     assert os.listdir(m.path / "s") == ["layer00"] and os.listdir(m.path / "t") == ["shared"]
     assert os.stat(m.path / "t" / "shared").st_nlink == 2
     os.unlink(m.path / "s" / "layer00")

@@ -16,16 +16,30 @@ import pytest
 
 from kvfs.objects import block_checksum, sums_of
 
-from kvfstest import KVFS, EtcdCluster, _alive, lose_etcd_data, wait_for
+from kvfstest import KVFS, EtcdCluster, _alive, recover_after_losing_etcd, wait_for
 
 HERE = Path(__file__).parent
+
+
+def object_of(path):
+    """The store file that holds PATH's committed bytes."""
+    return os.getxattr(path, "user.kvfs.object").decode()
+
+
+def flip_byte(obj, offset: int) -> None:
+    """Damage a stored object behind kvfs's back: one byte inverted."""
+    with open(obj, "r+b") as f:
+        f.seek(offset)
+        b = f.read(1)
+        f.seek(offset)
+        f.write(bytes([b[0] ^ 0xFF]))
 
 
 def committed_objects(m):
     out = set()
     for session in os.listdir(m.path):
         for name in os.listdir(m.path / session):
-            out.add(os.getxattr(m.path / session / name, "user.kvfs.object").decode())
+            out.add(object_of(m.path / session / name))
     return out
 
 
@@ -87,14 +101,8 @@ def test_recover_rebuilds_metadata_from_the_store(make_mount, etcd):
             p = m.path / s / name
             st = os.stat(p)
             tree[f"{s}/{name}"] = (p.read_bytes(), st.st_mtime_ns, os.getxattr(p, "user.model"))
-    m.umount()
-    lose_etcd_data(m, etcd)
-    m.mount()
-    assert os.listdir(m.path) == []
-    out = subprocess.run(
-        KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True
-    )
-    assert "recovered 8 entries" in out.stdout, out.stdout + out.stderr
+    out = recover_after_losing_etcd(m, etcd)
+    assert "recovered 8 entries" in out, out
     got = {}
     for s in sorted(os.listdir(m.path)):
         for name in os.listdir(m.path / s):
@@ -146,10 +154,7 @@ def test_recover_after_etcd_loss_knows_renames_and_deletes(make_mount, etcd):
         (m.path / "s" / n).write_bytes(n.encode())
     os.unlink(m.path / "s" / "gone")
     os.rename(m.path / "s" / "moved", m.path / "s" / "there")
-    m.umount()
-    lose_etcd_data(m, etcd)
-    m.mount()
-    subprocess.run(KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True)
+    recover_after_losing_etcd(m, etcd)
     assert os.listdir(m.path / "s") == ["there"]
     assert (m.path / "s" / "there").read_bytes() == b"moved"
 
@@ -233,15 +238,11 @@ def test_damaged_object_is_refused(make_mount, damage):
     data = os.urandom(3 << 20)
     (m.path / "s" / "f").write_bytes(data)
     (m.path / "s" / "ok").write_bytes(b"fine")
-    obj = m.store / "objects" / os.getxattr(m.path / "s" / "f", "user.kvfs.object").decode()
-    with open(obj, "r+b") as f:
-        if damage == "flip":
-            f.seek(2_000_000)
-            b = f.read(1)
-            f.seek(2_000_000)
-            f.write(bytes([b[0] ^ 0xFF]))
-        else:
-            f.truncate(1_000_000)
+    obj = m.store / "objects" / object_of(m.path / "s" / "f")
+    if damage == "flip":
+        flip_byte(obj, 2_000_000)
+    else:
+        os.truncate(obj, 1_000_000)
     _drop_caches()
     with pytest.raises(OSError) as e:
         (m.path / "s" / "f").read_bytes()
@@ -274,12 +275,8 @@ def test_scrub_finds_what_passthrough_reads_cannot(make_mount, how):
     data = os.urandom(3 << 20)
     (m.path / "s" / "f").write_bytes(data)
     (m.path / "s" / "ok").write_bytes(b"fine")
-    obj = m.store / "objects" / os.getxattr(m.path / "s" / "f", "user.kvfs.object").decode()
-    with open(obj, "r+b") as f:
-        f.seek(2_000_000)
-        b = f.read(1)
-        f.seek(2_000_000)
-        f.write(bytes([b[0] ^ 0xFF]))
+    obj = m.store / "objects" / object_of(m.path / "s" / "f")
+    flip_byte(obj, 2_000_000)
     if how == "kvfs scrub":
         out = subprocess.run(
             KVFS + ["scrub", str(m.path)], capture_output=True, text=True, check=True
@@ -368,7 +365,7 @@ def test_a_missing_object_is_an_eio_not_a_missing_name(make_mount):
     (m.path / "s").mkdir()
     (m.path / "s" / "f").write_bytes(b"x" * 100_000)
     (m.path / "s" / "ok").write_bytes(b"fine")
-    obj = m.store / "objects" / os.getxattr(m.path / "s" / "f", "user.kvfs.object").decode()
+    obj = m.store / "objects" / object_of(m.path / "s" / "f")
     obj.unlink()
     _drop_caches()
     with pytest.raises(OSError) as e:
@@ -423,12 +420,7 @@ def test_large_files_publish_first_and_get_their_sums_moments_later(make_mount, 
     subprocess.run(KVFS + ["scrub", str(m.path)], capture_output=True, check=True)
     wait_for(lambda: _xattr(f, "user.kvfs.checksum") == want, 5, what="the sums from the scrub")
     # and now damage is found
-    obj = m.store / "objects" / os.getxattr(f, "user.kvfs.object").decode()
-    with open(obj, "r+b") as fh:
-        fh.seek(5_000_000)
-        b = fh.read(1)
-        fh.seek(5_000_000)
-        fh.write(bytes([b[0] ^ 0xFF]))
+    flip_byte(m.store / "objects" / object_of(f), 5_000_000)
     out = subprocess.run(KVFS + ["scrub", str(m.path)], capture_output=True, text=True, check=True)
     assert "quarantined 1" in out.stdout, out.stdout + out.stderr
     _drop_caches()

@@ -6,7 +6,7 @@ import time
 
 from test_t4_faults import store_objects
 
-from kvfstest import KVFS, lose_etcd_data, wait_for
+from kvfstest import recover_after_losing_etcd, wait_for
 
 
 def objects_after_grace(m):
@@ -141,13 +141,8 @@ def test_recover_restores_every_link(make_mount, etcd):
     os.link(m.path / "s" / "a", m.path / "s" / "c")
     os.unlink(m.path / "s" / "c")  # a name removed is not brought back
     (m.path / "s" / "lone").write_bytes(b"alone")
-    m.umount()
-    lose_etcd_data(m, etcd)
-    m.mount()
-    out = subprocess.run(
-        KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True
-    )
-    assert sorted(os.listdir(m.path / "s")) == ["a", "lone"], out.stdout + out.stderr
+    out = recover_after_losing_etcd(m, etcd)
+    assert sorted(os.listdir(m.path / "s")) == ["a", "lone"], out
     assert os.listdir(m.path / "t") == ["b"]
     assert os.stat(m.path / "t" / "b").st_nlink == 2
     assert os.stat(m.path / "t" / "b").st_ino == os.stat(m.path / "s" / "a").st_ino

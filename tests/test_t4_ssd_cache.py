@@ -16,7 +16,7 @@ from kvfs.errors import StoreError
 from kvfs.store.cached import CachedStore
 from kvfs.store.memory import MemoryStore
 
-from kvfstest import KVFS, lose_etcd_data, seen, wait_for, wait_seen
+from kvfstest import KVFS, recover_after_losing_etcd, seen, wait_for, wait_seen
 
 MiB = 1 << 20
 
@@ -280,13 +280,7 @@ def test_expiry_removes_the_object_from_the_store_and_the_cache(make_mount, tmp_
 def test_recover_on_a_cached_mount_rebuilds_from_the_store(make_mount, tmp_path, etcd):
     m = make_mount("--ssd-cache", str(tmp_path / "cache"), "--no-touch-on-read")
     data = write_layers(m.path, "s", 3, 5000)
-    m.umount()
-    lose_etcd_data(m, etcd)
-    m.mount()
-    assert os.listdir(m.path) == []
-    out = subprocess.run(
-        KVFS + ["recover", str(m.path)], capture_output=True, text=True, check=True
-    ).stdout
+    out = recover_after_losing_etcd(m, etcd)
     assert "recovered 3 entries" in out
     for name, want in data.items():
         assert (m.path / "s" / name).read_bytes() == want
