@@ -224,6 +224,16 @@ def test_full_store_gives_enospc_and_keeps_other_files(make_mount, tmp_path):
         subprocess.run(["umount", "-l", str(store)])
 
 
+def read_is_refused_and_counted(m, session, name):
+    """A cold read of SESSION/NAME is an EIO, counted and named in `kvfs status`."""
+    _drop_caches()
+    with pytest.raises(OSError) as e:
+        (m.path / session / name).read_bytes()
+    assert e.value.errno == errno.EIO
+    st = m.status()
+    assert st["counters"]["corrupt"] >= 1 and st["last_corrupt"] == f"{session}/{name}"
+
+
 def _drop_caches():
     with open("/proc/sys/vm/drop_caches", "w") as f:
         f.write("3")
@@ -243,12 +253,7 @@ def test_damaged_object_is_refused(make_mount, damage):
         flip_byte(obj, 2_000_000)
     else:
         os.truncate(obj, 1_000_000)
-    _drop_caches()
-    with pytest.raises(OSError) as e:
-        (m.path / "s" / "f").read_bytes()
-    assert e.value.errno == errno.EIO
-    st = m.status()
-    assert st["counters"]["corrupt"] >= 1 and st["last_corrupt"] == "s/f"
+    read_is_refused_and_counted(m, "s", "f")
     assert "s/f" in m.log()
     assert (m.path / "s" / "ok").read_bytes() == b"fine"
     # appending or truncating copies the old bytes: the copy must not launder them
@@ -367,12 +372,7 @@ def test_a_missing_object_is_an_eio_not_a_missing_name(make_mount):
     (m.path / "s" / "ok").write_bytes(b"fine")
     obj = m.store / "objects" / object_of(m.path / "s" / "f")
     obj.unlink()
-    _drop_caches()
-    with pytest.raises(OSError) as e:
-        (m.path / "s" / "f").read_bytes()
-    assert e.value.errno == errno.EIO
-    st = m.status()
-    assert st["counters"]["corrupt"] >= 1 and st["last_corrupt"] == "s/f"
+    read_is_refused_and_counted(m, "s", "f")
     assert "missing from the store" in m.log()
     with pytest.raises(OSError) as e:
         with open(m.path / "s" / "f", "ab") as f:
