@@ -274,6 +274,26 @@ def test_xattrs(kvfs_mount):
     assert os.getxattr(p, "user.kvfs.files") == b"1"
 
 
+def test_ls_l_does_not_ask_for_labels_and_acls_per_file(kvfs_mount):
+    # kvfs keeps user.* attributes only; the others are unsupported, as on a
+    # filesystem without labels or ACLs, and `ls -l` (which remembers a
+    # device that said so) then lists a big session without a daemon round
+    # trip per file
+    p = kvfs_mount.path / "s"
+    p.mkdir()
+    for i in range(200):
+        (p / f"f{i}").write_bytes(b"x")
+    for name in ("security.selinux", "system.posix_acl_access", "trusted.x"):
+        with pytest.raises(OSError) as e:
+            os.getxattr(p / "f0", name)
+        assert e.value.errno == errno.ENOTSUP, name
+    before = kvfs_mount.status()["operations"].get("getxattr", {}).get("count", 0)
+    out = sh("ls", "-l", str(p)).stdout
+    assert len(out.splitlines()) == 201 and "+" not in out.splitlines()[1].split()[0]
+    asked = kvfs_mount.status()["operations"].get("getxattr", {}).get("count", 0) - before
+    assert asked <= 4, asked
+
+
 def test_xattr_set_on_open_file_commits_with_it(kvfs_mount):
     p = kvfs_mount.path / "s"
     p.mkdir()

@@ -110,7 +110,11 @@ class Xattrs:
         elif key.startswith("user."):
             values = await self.user(node)
         else:
-            raise pyfuse3.FUSEError(errno.ENODATA)
+            # kvfs keeps no security labels and no POSIX ACLs: say so as a
+            # filesystem without them does. `ls -l` then asks once per mount
+            # instead of twice per file (it remembers a device that answered
+            # ENOTSUP), which is most of a big listing's time.
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
         if key not in values:
             raise pyfuse3.FUSEError(errno.ENODATA)
         return values[key]
