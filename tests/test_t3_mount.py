@@ -6,12 +6,14 @@ import os
 import shutil
 import stat
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from kvfs.namespace import DELETE_GRACE
 from kvfs.objects import block_checksum, sums_of
 
 from kvfstest import wait_for
@@ -321,6 +323,49 @@ def test_status_reports_counters(kvfs_mount):
     assert st["etcd"]["endpoints"][0]["healthy"] in (True, False)
     human = sh(*__import__("kvfstest").KVFS, "status", str(kvfs_mount.path)).stdout
     assert "cache" in human and "etcd" in human
+
+
+@pytest.fixture
+def shm_store():
+    """A store directory on tmpfs, removed after the mount that uses it (ask first)."""
+    store = Path(tempfile.mkdtemp(prefix="kvfs-test-store-", dir="/dev/shm"))
+    yield store
+    shutil.rmtree(store, ignore_errors=True)
+
+
+def test_reopening_a_file_costs_one_request_and_a_replace_frees_its_space(shm_store, make_mount):
+    # a read-only open is one request (no flush at close) and reuses the
+    # version's backing file; once the name is replaced, that backing file
+    # goes, so the old object's space comes back when its grace ends
+    m = make_mount(store=shm_store)
+    p = m.path / "s"
+    p.mkdir()
+
+    def free():
+        st = os.statvfs(shm_store)
+        return st.f_bavail * st.f_frsize
+
+    before = free()
+    data = os.urandom(64 << 20)
+    (p / "f").write_bytes(data)
+    ops = m.status()["operations"]
+    for _ in range(20):
+        with open(p / "f", "rb") as fh:
+            assert fh.read(16) == data[:16]
+    after = m.status()["operations"]
+
+    def asked(op):
+        return after.get(op, {}).get("count", 0) - ops.get(op, {}).get("count", 0)
+
+    assert asked("open") == 20 and asked("flush") == 0
+    assert free() < before - (60 << 20)
+    (p / "f").write_bytes(b"new")
+    assert (p / "f").read_bytes() == b"new"
+    wait_for(
+        lambda: free() > before - (8 << 20),
+        timeout=DELETE_GRACE + 10,
+        what="the replaced version's space",
+    )
 
 
 def test_readahead_hints_on_passthrough_files(kvfs_mount):

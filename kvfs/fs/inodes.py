@@ -79,6 +79,8 @@ class WriterNode(FileNode):
 
 class InodeTable:
     def __init__(self):
+        # called with a FileNode the table lets go of (the kernel forgot it)
+        self.on_free = None
         self.nodes: dict[int, Node] = {ROOT: RootNode(ino=ROOT, lookups=1)}
         self._sessions: dict[str, int] = {}
         self._versions: dict[tuple[str, str, str], int] = {}
@@ -137,6 +139,8 @@ class InodeTable:
             # open that follows still needs the claim
             return
         self.nodes.pop(node.ino, None)
+        if isinstance(node, FileNode) and self.on_free is not None:
+            self.on_free(node)
         if isinstance(node, SessionNode):
             if self._sessions.get(node.session) == node.ino:
                 del self._sessions[node.session]
@@ -197,6 +201,13 @@ class InodeTable:
     def other_version_bound(self, session: str, name: str, keep: str | None) -> bool:
         """May the kernel hold SESSION/NAME bound to a version other than KEEP?"""
         return any(s == session and n == name and v != keep for s, n, v in self._versions)
+
+    def versions_bound(self, session: str, name: str, keep: str | None) -> list[VersionNode]:
+        """The inodes of versions other than KEEP that SESSION/NAME was bound to."""
+        inos = [i for (s, n, v), i in self._versions.items() if s == session and n == name]
+        return [
+            self.nodes[i] for i in inos if i in self.nodes and self.nodes[i].entry.version != keep
+        ]
 
     def moved(self, session: str, name: str, entry: Entry) -> None:
         """A rename moved version ENTRY.version from SESSION/NAME to ENTRY's name."""

@@ -93,6 +93,7 @@ class Operations(pyfuse3.Operations):
         self.handles = HandleTable()
         self.op_stats = OpStats()
         self.passthrough = Passthrough(self.kernel, ns, passthrough)
+        self.inodes.on_free = self.passthrough.forgotten
         self.toucher = Toucher(ns, touch_interval, enabled=touch_on_read)
         self.reads = Reads(
             ns,
@@ -140,7 +141,11 @@ class Operations(pyfuse3.Operations):
                 self.kernel.invalidate_inode(ino)
                 return
         # a new version, or gone: the name must resolve afresh
-        self._forget_name(session, name, keep=entry.version if entry else None)
+        keep = entry.version if entry else None
+        for node in self.inodes.versions_bound(session, name, keep):
+            # its object may be deleted soon: a kept backing file would hold its space
+            self.passthrough.forgotten(node)
+        self._forget_name(session, name, keep=keep)
 
     def on_session_changed(self, session: str, info: SessionInfo | None) -> None:
         if info is None:

@@ -10,20 +10,28 @@ old, no CAP_SYS_ADMIN, a store that is not local files) the daemon serves.
 """
 
 import logging
+from collections import OrderedDict
 
 from ..namespace import Namespace
-from .inodes import FileNode
+from .inodes import FileNode, VersionNode
 from .kernel import Kernel
 
 log = logging.getLogger(__name__)
 
 
 class Passthrough:
-    def __init__(self, kernel: Kernel, ns: Namespace, wanted: bool):
+    def __init__(self, kernel: Kernel, ns: Namespace, wanted: bool, max_idle: int = 4096):
         self.kernel = kernel
         self.ns = ns
         self.wanted = wanted
         self.refused: str | None = None  # why the kernel said no, once
+        # Committed versions whose last open file closed, still registered:
+        # their object never changes, so the next open reuses the backing
+        # file instead of opening the object and registering it again (a
+        # thread trip and two ioctls, most of an open's cost). Bounded; the
+        # oldest is let go, and so is one the kernel forgets.
+        self.idle: OrderedDict[int, FileNode] = OrderedDict()
+        self.max_idle = max_idle
 
     @property
     def on(self) -> bool:
@@ -44,6 +52,7 @@ class Passthrough:
         """
         if not self.on or node.path == "daemon":
             return False
+        self.idle.pop(node.ino, None)
         if not node.backing_id:
             fd = get_fd()
             if fd is None:
@@ -64,7 +73,28 @@ class Passthrough:
         self.ns.count("opens_daemon")
 
     def release(self, node: FileNode) -> None:
-        """NODE's last open file closed: the next open may choose afresh."""
+        """NODE's last open file closed: the next open may choose afresh.
+
+        A committed version keeps its backing file for the next open (see
+        `idle`); a writer's staged file is let go.
+        """
+        if not node.backing_id:
+            return
+        if isinstance(node, VersionNode) and self.on:
+            self.idle[node.ino] = node
+            self.idle.move_to_end(node.ino)
+            while len(self.idle) > self.max_idle:
+                _, old = self.idle.popitem(last=False)
+                self._close(old)
+            return
+        self._close(node)
+
+    def forgotten(self, node: FileNode) -> None:
+        """The kernel forgot NODE: its kept backing file goes too."""
+        if self.idle.pop(node.ino, None) is not None:
+            self._close(node)
+
+    def _close(self, node: FileNode) -> None:
         if node.backing_id:
             self.kernel.close_backing(node.backing_id)
             node.backing_id = 0
