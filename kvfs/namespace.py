@@ -55,6 +55,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
+USAGE_MAX_AGE = 1.0  # seconds statfs may show the store medium's usage as it was
 DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable
 LATER_MAX = 100_000  # background jobs waiting; beyond it one is skipped (and logged)
 CAS_ATTEMPTS = 20  # compare-and-swap rounds before a hot entry is reported as a conflict
@@ -116,6 +117,7 @@ class Namespace:
         self.scrub_state: dict = {"running": False, "done": 0, "total": 0, "quarantined": 0}
         # True while `index` mirrors etcd (loaded, and the watch is up)
         self.index_complete = False
+        self._usage = (None, float("-inf"))  # (the store's usage, when asked)
         self._index_changed: dict | None = None  # set while load_index reads etcd
         self._later: list[tuple] = []  # heap of (due, seq, fn, what)
         # group commit: commits that arrive while a transaction is in flight
@@ -243,11 +245,17 @@ class Namespace:
 
     async def space(self) -> tuple[int, int, int]:
         """(total bytes, free bytes, files) as statfs should show them."""
-        usage = None
-        try:
-            usage = await self.call_io(self.store.usage)
-        except KvfsError:
-            pass
+        # the medium's own usage, at most a second old: statfs arrives often
+        # (a connector asks before each load and store that the mount is
+        # still kvfs), and a thread trip to the store each time costs ~1 ms
+        usage, at = self._usage
+        if time.monotonic() - at > USAGE_MAX_AGE:
+            usage = None
+            try:
+                usage = await self.call_io(self.store.usage)
+            except KvfsError:
+                pass
+            self._usage = (usage, time.monotonic())
         if self.capacity is not None:
             total = self.capacity
             free = max(0, total - self.used)
