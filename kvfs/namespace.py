@@ -203,6 +203,11 @@ class Namespace:
     def store_url(self) -> str:
         return self.store.url
 
+    @property
+    def keeps_backing(self) -> bool:
+        """May a version's passthrough backing file outlive its last close?"""
+        return self.store.fds_of_objects
+
     def count(self, counter: str, n: int = 1) -> None:
         self.counters[counter] += n
 

@@ -80,7 +80,7 @@ class Passthrough:
         """
         if not node.backing_id:
             return
-        if isinstance(node, VersionNode) and self.on:
+        if isinstance(node, VersionNode) and self.on and self.ns.keeps_backing:
             self.idle[node.ino] = node
             self.idle.move_to_end(node.ino)
             while len(self.idle) > self.max_idle:

@@ -123,6 +123,11 @@ class Store(ABC):
     #: file would (local files, RAM): a large commit may leave its block sums
     #: to a job after publishing (Namespace.commit)
     rereads_cheaply: bool = False
+    #: open_fd gives the object itself, which stays until it is deleted: the
+    #: kernel may keep it registered after the last close for the next open.
+    #: Not so for a cache's copy, which may be evicted while the kernel holds
+    #: it (and would then keep its space, unseen by the cache's accounting).
+    fds_of_objects: bool = False
 
     @abstractmethod
     def put(self, key: str, data: bytes) -> None: ...

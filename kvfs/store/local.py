@@ -193,6 +193,7 @@ class LocalStore(Store):
     """Objects live in DIR/objects/KEY; staged writes in DIR/staging/NODE/."""
 
     rereads_cheaply = True
+    fds_of_objects = True
 
     def __init__(self, root: str, node: str = "default", durable: bool = True, **_):
         self.root = os.path.abspath(root)
