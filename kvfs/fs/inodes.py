@@ -204,9 +204,10 @@ class InodeTable:
 
     def versions_bound(self, session: str, name: str, keep: str | None) -> list[VersionNode]:
         """The inodes of versions other than KEEP that SESSION/NAME was bound to."""
-        inos = [i for (s, n, v), i in self._versions.items() if s == session and n == name]
         return [
-            self.nodes[i] for i in inos if i in self.nodes and self.nodes[i].entry.version != keep
+            self.nodes[i]
+            for (s, n, v), i in self._versions.items()
+            if s == session and n == name and v != keep and i in self.nodes
         ]
 
     def moved(self, session: str, name: str, entry: Entry) -> None:

@@ -127,8 +127,12 @@ class Operations(pyfuse3.Operations):
         inode (writer inodes are never cached); dropping a name needlessly
         can evict an inode and its pages.
         """
+        bound = self.inodes.versions_bound(session, name, keep)
+        for node in bound:
+            # its object may be deleted soon: a kept backing file would hold its space
+            self.passthrough.forgotten(node)
         sino = self.inodes.session_ino(session)
-        if sino is not None and self.inodes.other_version_bound(session, name, keep):
+        if sino is not None and bound:
             self.kernel.invalidate_entry(sino, name)
 
     def on_entry_changed(self, session: str, name: str, entry: Entry | None) -> None:
@@ -141,11 +145,7 @@ class Operations(pyfuse3.Operations):
                 self.kernel.invalidate_inode(ino)
                 return
         # a new version, or gone: the name must resolve afresh
-        keep = entry.version if entry else None
-        for node in self.inodes.versions_bound(session, name, keep):
-            # its object may be deleted soon: a kept backing file would hold its space
-            self.passthrough.forgotten(node)
-        self._forget_name(session, name, keep=keep)
+        self._forget_name(session, name, keep=entry.version if entry else None)
 
     def on_session_changed(self, session: str, info: SessionInfo | None) -> None:
         if info is None:
