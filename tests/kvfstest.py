@@ -6,6 +6,7 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -147,12 +148,52 @@ class EtcdCluster:
     def endpoints(self) -> str:
         return ",".join(m.endpoint for m in self.members)
 
-    def start(self):
-        for m in self.members:
-            m.data_dir.mkdir(parents=True, exist_ok=True)
-            m.start()
-        wait_for(lambda: all(m.healthy() for m in self.members), 30, 0.1, "etcd healthy")
+    def start(self, attempts: int = 3):
+        """Start every member and wait until all answer healthy.
+
+        The ports were free when picked, not reserved: any outbound connection
+        on this machine may take one before etcd binds it (it then exits with
+        "address already in use"). So a member that exits, or a cluster not
+        healthy in time, is started again from empty data directories on new
+        ports; the last failure says what the members logged."""
+        for attempt in range(attempts):
+            if attempt:
+                self._renew()
+            for m in self.members:
+                m.data_dir.mkdir(parents=True, exist_ok=True)
+                m.start()
+            try:
+                wait_for(self._healthy_or_dead, 30, 0.1, "etcd healthy")
+                return self
+            except (AssertionError, RuntimeError) as e:
+                self.stop()
+                if attempt == attempts - 1:
+                    raise AssertionError(f"{e}\n{self._log_tails()}") from None
         return self
+
+    def _healthy_or_dead(self) -> bool:
+        for m in self.members:
+            if m.proc is not None and m.proc.poll() is not None:
+                raise RuntimeError(f"etcd member {m.name} exited ({m.proc.returncode})")
+        return all(m.healthy() for m in self.members)
+
+    def _renew(self) -> None:
+        """New ports and empty data directories for every member."""
+        ports = [(free_port(), free_port()) for _ in self.members]
+        cluster = ",".join(
+            f"{m.name}=http://127.0.0.1:{p}" for m, (_, p) in zip(self.members, ports, strict=True)
+        )
+        for m, (c, p) in zip(self.members, ports, strict=True):
+            shutil.rmtree(m.data_dir, ignore_errors=True)
+            m.client_port, m.peer_port, m.cluster = c, p, cluster
+
+    def _log_tails(self, lines: int = 15) -> str:
+        out = []
+        for m in self.members:
+            log = m.data_dir.parent / f"{m.name}.log"
+            tail = log.read_text(errors="replace").splitlines()[-lines:] if log.exists() else []
+            out.append(f"--- {log}\n" + "\n".join(tail))
+        return "\n".join(out)
 
     def leader(self) -> EtcdMember:
         for m in self.members:
