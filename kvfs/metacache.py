@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from .records import Entry, SessionInfo, WatchEvent
 
 _ABSENT = object()
+_PARSE = object()  # apply(): the event's entry is not parsed yet
 
 
 @dataclass
@@ -141,14 +142,27 @@ class MetaCache:
         self.epoch += 1
         self._set_session(name, None, rev)
 
-    def apply(self, ev: WatchEvent) -> None:
-        self.epoch += 1
+    def event_entry(self, ev: WatchEvent) -> Entry | None:
+        """The entry an "entry" event carries (None: a delete). An event for a
+        commit of this daemon's own finds it cached at that revision already
+        (put_entry): not parsed again, as that is every commit's event."""
+        if ev.value is None:
+            return None
+        cur = self._layers.get((ev.session, ev.name))
+        if isinstance(cur, Entry) and ev.revision and cur.rev == ev.revision:
+            return cur
+        return Entry.from_json(ev.session, ev.name, ev.value, ev.revision)
+
+    def apply(self, ev: WatchEvent, entry: Entry | None | object = _PARSE) -> None:
+        """Apply a watch event; ENTRY, when given, is event_entry(ev)."""
         if ev.kind == "entry":
-            entry = None
-            if ev.value is not None:
-                entry = Entry.from_json(ev.session, ev.name, ev.value, ev.revision)
+            if entry is _PARSE:
+                entry = self.event_entry(ev)
+            self.epoch += 1
             self._set_entry(ev.session, ev.name, entry, ev.revision)
-        elif ev.kind == "session":
+            return
+        self.epoch += 1
+        if ev.kind == "session":
             info = None
             if ev.value is not None:
                 info = SessionInfo.from_json(ev.session, ev.value, ev.revision)

@@ -76,9 +76,12 @@ def encode_header(meta: dict, size: int, header_size: int | None = None) -> byte
     """
     md = {"format": FORMAT}
     for k, v in meta.items():
-        md[k] = (
-            v if isinstance(v, str) else json.dumps(v, separators=(",", ":"), ensure_ascii=False)
-        )
+        if isinstance(v, str):
+            md[k] = v
+        elif type(v) is int:  # what json.dumps would give, at a tenth of the cost
+            md[k] = str(v)
+        else:
+            md[k] = json.dumps(v, separators=(",", ":"), ensure_ascii=False)
     doc = {
         "__metadata__": md,
         "data": {"dtype": "U8", "shape": [size], "data_offsets": [0, size]},

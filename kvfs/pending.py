@@ -228,6 +228,16 @@ class PendingFile:
             )
         return block_checksum(sums), sums
 
+    def checksum_reads(self, defer_from: int | None = None) -> int:
+        """Bytes `checksum(defer_from)` would read back from the staged file."""
+        size = self.size
+        if self.crc.result(size) is not None:
+            return 0
+        stored = self._stored(size)
+        if defer_from is not None and size >= defer_from and stored == size:
+            return 0
+        return stored
+
     def _stored(self, size: int) -> int:
         """Bytes of the staged file that hold data, not holes."""
         ranges = getattr(self.writer, "data_ranges", None)

@@ -207,6 +207,19 @@ def test_cache_levels_and_coherence():
     assert c.lookup_entry("s", "a") == (True, None)
 
 
+def test_the_event_of_an_own_commit_is_not_parsed_again():
+    # every commit comes back through the watch: the entry the commit cached
+    # at that revision is the event's, and only another revision is read
+    c = MetaCache()
+    mine = _entry("a", 4)
+    c.put_entry(mine)
+    assert c.event_entry(WatchEvent("entry", "s", "a", mine.to_json(), 4)) is mine
+    other = c.event_entry(WatchEvent("entry", "s", "a", _entry("a", 5, size=9).to_json(), 5))
+    assert other is not mine and (other.rev, other.size) == (5, 9)
+    c.apply(WatchEvent("entry", "s", "a", None, 6), None)
+    assert c.lookup_entry("s", "a") == (True, None)
+
+
 def test_cache_fill_racing_a_watch_event_is_not_kept():
     c = MetaCache()
     epoch = c.epoch
