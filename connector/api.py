@@ -17,6 +17,7 @@ same chunk files the vLLM connector writes, under keys of their own.
 from __future__ import annotations
 
 import enum
+import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -270,7 +271,7 @@ class KVEngine:
         futures: list[Future] = []
         root = chain_root()
 
-        def write(i: int, buf: torch.Tensor, event) -> int:
+        def write(i: int, buf: torch.Tensor, event) -> int | Future:
             try:
                 if event is not None:
                     event.synchronize()  # the chunk's GPU->host copy has landed
@@ -287,15 +288,23 @@ class KVEngine:
                 meta = chunk_metadata(
                     self.space, name, i, links[i], parent, tokens, self.layer_names
                 )
-                n = self.cache.write(name, self._file(i, links[i]), tensors, meta)
-                if n is not None and self.index is not None and name != self.index:
-                    fut = self._linker.submit(
-                        self.cache.link, name, self._file(i, links[i]), self.index
-                    )
-                    self._links.append(fut)
-                return C if n is not None else 0
+                out = self.cache.write(name, self._file(i, links[i]), tensors, meta, keep_open=True)
             finally:
                 buffers.put(buf)
+            if out is None:
+                return 0
+            # The close is kvfs's commit (milliseconds): on another thread,
+            # while this one goes on to the next chunk's bytes.
+            return self.mover.closer.submit(close, i, out[1])
+
+        def close(i: int, fd: int) -> int:
+            os.close(fd)  # an error here: the chunk was not stored
+            if self.index is not None and name != self.index:
+                fut = self._linker.submit(
+                    self.cache.link, name, self._file(i, links[i]), self.index
+                )
+                self._links.append(fut)
+            return C
 
         try:
             with torch.no_grad():
@@ -329,7 +338,8 @@ class KVEngine:
             written, failure = 0, None
             for fut in futures:
                 try:
-                    written += fut.result()
+                    done = fut.result()
+                    written += done.result() if isinstance(done, Future) else done
                 except NotMounted:
                     pass  # counted; nothing is written outside a live mount
                 except BaseException as e:  # noqa: BLE001 - re-raised below

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
-from .chunkfile import ChunkFile, write_chunk
+from .chunkfile import ChunkFile, write_chunk, write_chunk_open
 from .counters import Counters
 from .keys import KeySpace, valid_session
 
@@ -222,13 +222,18 @@ class CacheDir:
         tensors: Mapping[str, torch.Tensor],
         metadata: Mapping[str, str],
         replace: bool = False,
-    ) -> int | None:
+        keep_open: bool = False,
+    ) -> int | tuple[int, int] | None:
         """Write one chunk file; None if it exists and `replace` is off.
-        Raises NotMounted, never writing outside a live kvfs mount."""
+        Raises NotMounted, never writing outside a live kvfs mount.
+        With `keep_open`, (bytes, descriptor): the caller closes it, and the
+        file appears at that close (see write_chunk_open)."""
         self.check()
         path = os.path.join(self._session_dir(session), name)
         if not replace and os.path.exists(path):
             return None
+        if keep_open:
+            return write_chunk_open(path, tensors, metadata, mode=self.file_mode)
         return write_chunk(path, tensors, metadata, mode=self.file_mode)
 
 

@@ -160,6 +160,22 @@ def write_chunk(
     file gets `mode`: private by default, as it holds the prompt.
     Returns the number of bytes written.
     """
+    total, fd = write_chunk_open(path, tensors, metadata, mode)
+    os.close(fd)
+    return total
+
+
+def write_chunk_open(
+    path: str,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    mode: int = 0o600,
+) -> tuple[int, int]:
+    """`write_chunk` up to its close: (bytes written, the still open descriptor).
+
+    On kvfs the close is the commit and takes a few milliseconds; a caller
+    with more to write closes the descriptor elsewhere meanwhile. Until it is
+    closed the file is not there for readers."""
     meta = dict(metadata)
     views = []
     for name, t in tensors.items():
@@ -182,8 +198,7 @@ def write_chunk(
         except OSError:
             pass
         raise
-    os.close(fd)
-    return total
+    return total, fd
 
 
 def _write_rest(fd: int, bufs: list, done: int) -> None:

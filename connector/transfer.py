@@ -104,6 +104,7 @@ class Mover:
         self.host_buffer_bytes = host_buffer_bytes
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
+        self._closer: ThreadPoolExecutor | None = None
         self._buffers: dict[bool, HostBuffers] = {}
         self._streams: dict[int, torch.cuda.Stream] = {}
 
@@ -113,6 +114,15 @@ class Mover:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvfs-io")
             return self._pool
+
+    @property
+    def closer(self) -> ThreadPoolExecutor:
+        """Threads that close written chunk files: on kvfs a close waits for
+        the commit, which need not hold up the next chunk's I/O."""
+        with self._lock:
+            if self._closer is None:
+                self._closer = ThreadPoolExecutor(self.io_threads, thread_name_prefix="kvfs-close")
+            return self._closer
 
     def buffers(self, device: torch.device) -> HostBuffers:
         """Pinned buffers for a GPU (so copies are asynchronous DMA), plain ones
@@ -134,6 +144,8 @@ class Mover:
 
     def close(self) -> None:
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            pool.shutdown(wait=True)
+            pools = [self._pool, self._closer]
+            self._pool = self._closer = None
+        for pool in pools:
+            if pool is not None:
+                pool.shutdown(wait=True)

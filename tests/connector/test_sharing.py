@@ -5,6 +5,7 @@ connector only does on a checked kvfs mount) and, for what only kvfs does
 (an index's names do not keep a file alive), against a real mount.
 """
 
+import errno
 import json
 import logging
 import os
@@ -12,6 +13,7 @@ import shutil
 import struct
 import time
 
+import pytest
 import torch
 
 from kvfs_connector.cachedir import INDEX_XATTR, CacheDir
@@ -366,3 +368,20 @@ def test_the_api_shares_across_sessions_too(kvfs_mount):
 
 def files_inodes(d) -> dict[str, int]:
     return {f: os.stat(d / f).st_ino for f in os.listdir(d)}
+
+
+def test_a_chunk_whose_commit_fails_is_reported_and_not_there(make_mount):
+    # store_kv closes chunk files (kvfs's commit) beside the next chunk's
+    # writes: a close that fails must still fail the call and leave no file
+    from kvfs_connector import init_engine
+
+    m = make_mount("--capacity", "1K")
+    eng = init_engine(mount=str(m.path), model_id="m1", dtype="float32", num_layers=2, chunk_size=8)
+    ids = list(range(100, 124))
+    kv = [torch.randn(24, 3), torch.randn(24, 3)]
+    with pytest.raises(OSError) as e:
+        eng.store_kv(ids, kv, session="chat-1")
+    assert e.value.errno == errno.ENOSPC
+    assert os.listdir(m.path / "chat-1") == []
+    assert eng.retrieve_kv(ids, session="chat-1").num_tokens == 0
+    eng.close()
