@@ -719,7 +719,7 @@ class Namespace:
             p.check_final_size()
             # large files the kernel wrote are summed after publishing: close(2)
             # does not wait for a pass over every byte (_fill_sums)
-            summed = p.checksum(defer)
+            summed = p.checksum(defer, plan)
             digest, sums = summed if summed is not None else ("", None)
             entry = Entry(
                 session=p.session,
@@ -741,7 +741,9 @@ class Namespace:
             p.commit_object(encode_header(header_meta(entry), entry.size))
             return entry
 
-        if self.memory_backed and p.checksum_reads(defer) <= INLINE_SEAL_MAX:
+        # (another store: the look at the staged file's extents is I/O too)
+        plan = p.checksum_plan(defer) if self.memory_backed else None
+        if plan is not None and plan.reads <= INLINE_SEAL_MAX:
             await trio.lowlevel.checkpoint()
             entry = seal()
         else:

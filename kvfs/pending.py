@@ -8,6 +8,7 @@ file itself. The commit that publishes a version is `Namespace.commit`.
 
 import errno
 import os
+from typing import NamedTuple
 
 from .errors import Corrupt, KvfsError, NoSpace
 from .objects import (
@@ -25,6 +26,14 @@ COPY_CHUNK = 8 << 20
 FALLOC_FL_KEEP_SIZE = 1
 # threads for a commit's checksum pass over a file the kernel wrote
 CHECKSUM_THREADS = min(8, os.cpu_count() or 1)
+
+
+class ChecksumPlan(NamedTuple):
+    """How a commit gets its block sums (see PendingFile.checksum_plan)."""
+
+    sums: list[int] | None  # known already: the daemon saw every byte written
+    later: bool  # computed after publishing, from the object
+    reads: int  # bytes read back now to compute them
 
 
 class PendingFile:
@@ -203,40 +212,39 @@ class PendingFile:
         """Bytes the kernel wrote past the limits are refused at the commit."""
         self._check_room(self.size)
 
-    def checksum(self, defer_from: int | None = None) -> tuple[str, list[int]] | None:
+    def checksum_plan(self, defer_from: int | None = None) -> ChecksumPlan:
+        """What `checksum(defer_from)` will do; one look at the staged file's
+        extents (on tmpfs a SEEK_HOLE walks every page: ~0.3 ms for 28 MiB)."""
+        size = self.size
+        sums = self.crc.result(size)
+        if sums is not None:
+            return ChecksumPlan(sums, False, 0)
+        stored = self._stored(size)
+        # the job after publishing reads holes too: sparse files are summed now
+        later = defer_from is not None and size >= defer_from and stored == size
+        return ChecksumPlan(None, later, 0 if later else stored)
+
+    def checksum(
+        self, defer_from: int | None = None, plan: ChecksumPlan | None = None
+    ) -> tuple[str, list[int]] | None:
         """(file checksum, per-block CRC32Cs) of the staged bytes.
 
         None, when the sums would need a pass over DEFER_FROM bytes or more
         (the kernel wrote them, by passthrough): the caller computes them
-        from the committed object later.
+        from the committed object later. PLAN is checksum_plan(defer_from),
+        when the caller has it.
         """
-        size = self.size
-        sums = self.crc.result(size)
-        if (
-            sums is None
-            and defer_from is not None
-            and size >= defer_from
-            and self._stored(size) == size  # the job reads holes too: sparse files now
-        ):
+        sums, later, _ = plan if plan is not None else self.checksum_plan(defer_from)
+        if later:
             return None
         if sums is None:
             sums = sums_of(
                 self.writer.pread,
-                size,
+                self.size,
                 getattr(self.writer, "data_ranges", None),
                 workers=CHECKSUM_THREADS,
             )
         return block_checksum(sums), sums
-
-    def checksum_reads(self, defer_from: int | None = None) -> int:
-        """Bytes `checksum(defer_from)` would read back from the staged file."""
-        size = self.size
-        if self.crc.result(size) is not None:
-            return 0
-        stored = self._stored(size)
-        if defer_from is not None and size >= defer_from and stored == size:
-            return 0
-        return stored
 
     def _stored(self, size: int) -> int:
         """Bytes of the staged file that hold data, not holes."""

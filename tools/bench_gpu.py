@@ -363,10 +363,12 @@ def kvfs_cli(*argv, **kw):
     return subprocess.run(cmd, cwd=KVFS_SRC, env=env, capture_output=True, text=True, **kw)
 
 
-def mount_kvfs(mnt: Path, store: Path):
+def mount_kvfs(mnt: Path, store: Path, state_dir: str | None = None):
     mnt.mkdir(parents=True, exist_ok=True)
     store.mkdir(parents=True, exist_ok=True)
     cmd = ["mount", str(mnt), "--store", f"local:{store}"]
+    if state_dir:
+        cmd += ["--state-dir", state_dir]
     p = kvfs_cli(*cmd, timeout=120)
     if p.returncode != 0:
         raise RuntimeError(f"kvfs mount failed: {p.stdout}{p.stderr}")
@@ -397,6 +399,10 @@ def main():
     ap.add_argument("--mount", default="/mnt/kvbench")
     ap.add_argument("--store", default="/dev/shm/kvbench-store", help="the mount's store")
     ap.add_argument("--no-mount", action="store_true")
+    ap.add_argument(
+        "--state-dir",
+        help="the daemon's state directory, its private etcd's data in it (default: kvfs's own)",
+    )
     ap.add_argument("--kvfs-src", help="directory holding the kvfs package the daemon runs from")
     ap.add_argument(
         "--commit",
@@ -449,7 +455,7 @@ def main():
     status = None
     if not args.no_mount:
         mnt, store = Path(args.mount), Path(args.store)
-        info["mount_command"] = mount_kvfs(mnt, store)
+        info["mount_command"] = mount_kvfs(mnt, store, args.state_dir)
         info["passthrough_at_mount"] = kvfs_status(mnt).get("passthrough")
         print(f"kvfs mounted, passthrough: {info['passthrough_at_mount']!r}", flush=True)
         try:
