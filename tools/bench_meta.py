@@ -69,6 +69,16 @@ def make_listing(d: str, n: int) -> None:
         os.close(os.open(os.path.join(d, f"layer{i:06d}"), os.O_WRONLY | os.O_CREAT, 0o644))
 
 
+def target_line(what: str, got: float, target: float, higher: bool = False) -> str:
+    """A target, what was measured, and met or missed by how much."""
+    fmt = ",.0f" if higher else ".3f"
+    head = f"target {what}: {got:{fmt}} against {target:{fmt}}"
+    if (got >= target) if higher else (got < target):
+        return head + ": met"
+    factor = target / got if higher else got / target
+    return head + f": missed ({factor:.1f}x)"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -145,6 +155,11 @@ def main(argv=None) -> int:
             f"{dt['ls -l warm s']:.3f} s"
         )
         say(f"stat: mount {mt['stat/s']:,.0f}/s, direct {dt['stat/s']:,.0f}/s")
+        # issue 11's targets, said against what was measured
+        eight = results.get("new files/s, 8 writers")
+        if eight is not None:
+            say(target_line("new files/s with 8 writers", eight["mount"], 1000, higher=True))
+        say(target_line(f"ls -l of {a.listing} files, fresh mount (s)", mt["ls -l cold s"], 0.5))
     finally:
         m.close()
         shutil.rmtree(work, ignore_errors=True)
