@@ -22,6 +22,7 @@ from kvfstest import recover_after_losing_etcd, seen, wait_for, wait_seen
 
 @pytest.fixture
 def spec(crail):
+    crail.ensure_serving()
     return crail.spec(f"t-{uuid.uuid4().hex[:8]}")
 
 
@@ -221,9 +222,15 @@ def test_ssd_cache_and_prefetch_over_crail_and_crail_down(make_mount, spec, crai
         crail.pause(False)
     assert "crail" in b.log() and "failed" in b.log()
     # Crail back: the same mount reads and writes again, nothing lost from etcd
-    wait_for(
-        lambda: _reads(b.path / "s" / "layer04") == data["layer04"], 30, 0.5, "reads after Crail"
-    )
+    try:
+        wait_for(
+            lambda: _reads(b.path / "s" / "layer04") == data["layer04"],
+            30,
+            0.5,
+            "reads after Crail",
+        )
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n{crail.tails()}") from None
     (b.path / "s" / "new").write_bytes(b"stored")
     assert seen(a.path / "s" / "new") == b"stored"
     assert sorted(os.listdir(a.path / "s")) == sorted([*data, "new"])

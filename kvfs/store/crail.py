@@ -177,6 +177,7 @@ WORKERS = 16  # Crail calls in flight at most; a call beyond waits (within its t
 # words of a Crail error that mean the connection is gone, not the request bad
 LOST_CONNECTION = ("connection", "broken pipe", "no answer", "closed", "timeout", "timed out")
 RECONNECT_EVERY = 2.0  # seconds: a new client costs a JVM some memory; not one per error
+CLOSE_DROPPED_AFTER = 60.0  # seconds a dropped client stays open for late answers
 STAGING = ".staging"  # PATH/.staging/NODE/: uploads on their way to their key
 
 
@@ -211,6 +212,7 @@ class CrailStore(Store):
         self._fs = None
         self._dropped = 0.0
         self._dirs: set[str] = set()
+        self._dropped_clients: list = []  # dropped, closed later (see _failed)
         self.errors = 0
         self.last_error: str | None = None
         self._workers = ThreadPoolExecutor(WORKERS, thread_name_prefix="crail")
@@ -268,10 +270,24 @@ class CrailStore(Store):
                 fs, self._fs = self._fs, None
                 self._dropped = time.monotonic()
         if fs is not None:
-            # closing waits for what the lost connection left pending: not here
-            threading.Thread(target=_close_quietly, args=(fs,), daemon=True).start()
+            # Closed later, not now: a NameNode that was only slow (frozen,
+            # paused for GC) still answers what it was asked on this
+            # connection, and Crail's RPC server (narpc) loses its one
+            # dispatcher thread, for every client, when such an answer meets
+            # a connection already closed ("Broken pipe" in its log).
+            self._dropped_clients.append(fs)
+            t = threading.Timer(CLOSE_DROPPED_AFTER, self._close_dropped, args=(fs,))
+            t.daemon = True
+            t.start()
         log.error("crail %s: %s failed: %s", self.url, what, text)
         return StoreError(f"crail {what}: {text}")
+
+    def _close_dropped(self, fs) -> None:
+        with self._lock:
+            if fs not in self._dropped_clients:
+                return  # closed by close()
+            self._dropped_clients.remove(fs)
+        _close_quietly(fs)
 
     def path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/") or not key:
@@ -551,8 +567,10 @@ class CrailStore(Store):
     def close(self) -> None:
         with self._lock:
             fs, self._fs = self._fs, None
-        if fs is not None:
-            self._workers.submit(_close_quietly, fs)
+            dropped, self._dropped_clients = self._dropped_clients, []
+        for c in [fs, *dropped]:
+            if c is not None:
+                self._workers.submit(_close_quietly, c)
         # a worker stuck on a frozen Crail is left behind, not waited for
         self._workers.shutdown(wait=False, cancel_futures=True)
 
