@@ -242,6 +242,15 @@ class KVEngine:
             return 0
         todo = []
         for i, link in enumerate(links):
+            if todo:
+                # Chunks are keyed by the whole prefix before them, so after the
+                # first one nobody stored the rest are new too; asking anyway
+                # cost two lookups a chunk (through kvfs, a daemon round trip
+                # each). Should one exist after all (a hole left by a failed
+                # save), its write finds it and writes nothing (write_chunk_open
+                # creates exclusively).
+                todo.append(i)
+                continue
             where = self._where(name, i, link)
             # stored by another session: this one takes a name, not a copy
             if where is None or (where != name and not self._take(name, i, link)):

@@ -230,11 +230,15 @@ class CacheDir:
         file appears at that close (see write_chunk_open)."""
         self.check()
         path = os.path.join(self._session_dir(session), name)
-        if not replace and os.path.exists(path):
+        try:
+            # created exclusively, not looked up first: one round trip fewer
+            if keep_open:
+                return write_chunk_open(
+                    path, tensors, metadata, mode=self.file_mode, exclusive=not replace
+                )
+            return write_chunk(path, tensors, metadata, mode=self.file_mode, exclusive=not replace)
+        except FileExistsError:
             return None
-        if keep_open:
-            return write_chunk_open(path, tensors, metadata, mode=self.file_mode)
-        return write_chunk(path, tensors, metadata, mode=self.file_mode)
 
 
 def shared_index(cache: CacheDir, space: KeySpace, log: logging.Logger) -> str | None:

@@ -152,6 +152,7 @@ def write_chunk(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str],
     mode: int = 0o600,
+    exclusive: bool = False,
 ) -> int:
     """Write `tensors` (contiguous, on the CPU) and `metadata` to `path`.
 
@@ -160,7 +161,7 @@ def write_chunk(
     file gets `mode`: private by default, as it holds the prompt.
     Returns the number of bytes written.
     """
-    total, fd = write_chunk_open(path, tensors, metadata, mode)
+    total, fd = write_chunk_open(path, tensors, metadata, mode, exclusive)
     os.close(fd)
     return total
 
@@ -170,23 +171,27 @@ def write_chunk_open(
     tensors: Mapping[str, torch.Tensor],
     metadata: Mapping[str, str],
     mode: int = 0o600,
+    exclusive: bool = False,
 ) -> tuple[int, int]:
     """`write_chunk` up to its close: (bytes written, the still open descriptor).
 
     On kvfs the close is the commit and takes a few milliseconds; a caller
     with more to write closes the descriptor elsewhere meanwhile. Until it is
-    closed the file is not there for readers."""
-    meta = dict(metadata)
-    views = []
-    for name, t in tensors.items():
-        mv = tensor_bytes(t)
-        meta[f"crc32.{name}"] = checksum([mv])
-        views.append(mv)
-    header = build_header(tensors, meta)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    closed the file is not there for readers. With `exclusive`, a file that
+    exists raises FileExistsError before any byte is summed or written."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC
+    flags |= os.O_EXCL if exclusive else os.O_TRUNC
+    fd = os.open(path, flags, mode)
     try:
         if mode & 0o077:  # shared on purpose: the umask must not undo it
             os.fchmod(fd, mode)
+        meta = dict(metadata)
+        views = []
+        for name, t in tensors.items():
+            mv = tensor_bytes(t)
+            meta[f"crc32.{name}"] = checksum([mv])
+            views.append(mv)
+        header = build_header(tensors, meta)
         total = len(header) + sum(v.nbytes for v in views)
         done = os.writev(fd, [header, *views])
         if done != total:  # short write: finish with plain writes

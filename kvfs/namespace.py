@@ -13,6 +13,7 @@ A crash before 3 leaves only an unreferenced object (settled at the next
 start); after 3 the new version is whole. Readers only see objects etcd names.
 """
 
+import collections
 import functools
 import heapq
 import logging
@@ -71,6 +72,11 @@ CAS_ATTEMPTS = 20  # compare-and-swap rounds before a hot entry is reported as a
 # A commit of this many bytes or more that the kernel wrote (passthrough)
 # publishes first and computes its block sums after (see commit)
 SUMS_LATER_MIN = 8 << 20
+# That pass over the bytes waits until commits pause this long (a burst of
+# saves keeps the cores and memory bandwidth it would take), but no version
+# waits longer than SUMS_WAIT_MAX for it, however busy the daemon is.
+SUMS_QUIET = 0.3
+SUMS_WAIT_MAX = 5.0
 GROUP_MAX = 60  # commits in one etcd transaction (etcd allows 128 operations)
 # transactions in flight at once: commits go straight to etcd (which batches
 # concurrent ones itself) until this many are out; later ones wait and share
@@ -137,6 +143,10 @@ class Namespace:
         self._rounds = 0  # transactions in flight
         self._later_seq = 0
         self._later_wake = trio.Event()
+        # versions published before their block sums: (queued at, entry)
+        self._sums_due: collections.deque[tuple[float, Entry]] = collections.deque()
+        self._sums_wake = trio.Event()
+        self._last_commit = float("-inf")  # time.monotonic() of the last commit
         self.memory_backed = bool(getattr(store, "memory_backed", False))
         # readers that check every block (--verify-reads) need the sums at once;
         # a store far away would be read back over the network for them
@@ -178,17 +188,51 @@ class Namespace:
         self._later_wake.set()
 
     def later_pending(self) -> int:
-        return len(self._later)
+        return len(self._later) + len(self._sums_due)
+
+    def sums_later_for(self, entry: Entry) -> None:
+        """Queue the block sums of ENTRY, published without them (_run_sums)."""
+        if len(self._sums_due) >= LATER_MAX:
+            log.warning("background queue full; sums of %s left to a scrub", entry.object)
+            return
+        self._sums_due.append((time.monotonic(), entry))
+        self._sums_wake.set()
 
     async def run_later(self, task_status=trio.TASK_STATUS_IGNORED):
-        """Run the jobs `later` queued, each at its time, earliest first.
+        """Run the jobs `later` queued, each at its time, earliest first, and
+        the block sums of versions published without them (_run_sums).
 
         Replaced and removed objects go after a grace period this way: a
         reader on another node that resolved the name just before can still
         read the version it resolved. Jobs due now (an intent record, a
         deleted file's header) never wait behind a grace period.
         """
-        task_status.started()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_sums)
+            task_status.started()
+            await self._run_jobs_in_turn()
+
+    async def _run_sums(self) -> None:
+        """Block sums, one version at a time, once commits pause (SUMS_QUIET)
+        or the oldest has waited SUMS_WAIT_MAX."""
+        while True:
+            if not self._sums_due:
+                await self._sums_wake.wait()
+                self._sums_wake = trio.Event()
+                continue
+            queued, entry = self._sums_due[0]
+            due = min(self._last_commit + SUMS_QUIET, queued + SUMS_WAIT_MAX)
+            wait = due - time.monotonic()
+            if wait > 0:
+                await trio.sleep(wait)
+                continue
+            self._sums_due.popleft()
+            try:
+                await self.call_io(self._fill_sums, entry)
+            except (KvfsError, OSError) as exc:  # a scrub computes them later
+                log.warning("background sums of %s failed: %s", entry.object, exc)
+
+    async def _run_jobs_in_turn(self) -> None:
         while True:
             if not self._later:
                 await self._later_wake.wait()
@@ -775,8 +819,9 @@ class Namespace:
             self._index_set(entry.session, entry.name, entry)
             if prev is not None and prev.object != entry.object:
                 await self._release_object_safely(prev, entry.session, entry.name)
+        self._last_commit = time.monotonic()
         if not entry.checksum:
-            self.later(functools.partial(self._fill_sums, entry), 0.0, f"sums of {entry.object}")
+            self.sums_later_for(entry)
         self.counters["commits"] += 1
         self.counters["files_written"] += 1
         self.counters["bytes_written"] += entry.size

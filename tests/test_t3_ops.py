@@ -13,6 +13,7 @@ import pyfuse3
 import pytest
 import trio
 
+from kvfs import namespace
 from kvfs.errors import KvfsError
 from kvfs.fs import ROOT, Operations
 from kvfs.meta import MemoryMeta
@@ -277,6 +278,22 @@ def test_a_read_on_a_read_write_open_sees_the_bytes(fs):
         assert bytes(await ops.read(fi.fh, 0, 100)) == b"0123456789"
         await ops.release(fi.fh)
         assert (await ns.get_entry("s", "f")).version == ops.inodes.nodes[v.st_ino].entry.version
+
+    fs(body)
+
+
+def test_an_exclusive_create_of_a_name_committed_meanwhile_fails(fs):
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, s.st_ino, b"f", b"first")
+        # the kernel's lookup came before the commit: create(O_EXCL) arrives
+        with pytest.raises(pyfuse3.FUSEError) as err:
+            await ops.create(s.st_ino, b"f", 0o644, os.O_WRONLY | os.O_CREAT | os.O_EXCL, CTX)
+        assert err.value.errno == errno.EEXIST
+        f = await ops.lookup(s.st_ino, b"f", CTX)
+        assert await read_all(ops, f.st_ino) == b"first"
+        await write_file(ops, s.st_ino, b"g", b"new")  # a new name still can be
+        assert [e.name for e in await ns.list_entries("s")] == ["f", "g"]
 
     fs(body)
 
@@ -717,3 +734,33 @@ def test_commits_at_the_same_moment_share_a_transaction(fs):
         await ops.forget([(ag.st_ino, 1)])
 
     fs(body)
+
+
+def test_block_sums_wait_for_commits_to_pause_but_not_forever(monkeypatch):
+    # (a version published before its block sums: a large passthrough write)
+    monkeypatch.setattr(namespace, "SUMS_QUIET", 0.1)
+    monkeypatch.setattr(namespace, "SUMS_WAIT_MAX", 0.5)
+    filled = []
+
+    async def main():
+        ns = Namespace(MemoryMeta(), MemoryStore(), MetaCache(), capacity=None, ttl=3600, node="t")
+        monkeypatch.setattr(ns, "_fill_sums", lambda e: filled.append((e.name, time.monotonic())))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(ns.run_later)
+            ns._last_commit = time.monotonic()
+            ns.sums_later_for(Entry(session="s", name="a", size=1))
+            await trio.sleep(0.03)
+            assert filled == [] and ns.later_pending() == 1
+            await trio.sleep(0.3)  # commits paused
+            assert [name for name, _ in filled] == ["a"]
+            # a commit every 20 ms: b's sums wait SUMS_WAIT_MAX, then go anyway
+            ns.sums_later_for(Entry(session="s", name="b", size=1))
+            queued = time.monotonic()
+            while time.monotonic() - queued < 3 and len(filled) < 2:
+                ns._last_commit = time.monotonic()
+                await trio.sleep(0.02)
+            assert [name for name, _ in filled] == ["a", "b"]
+            assert 0.45 <= filled[1][1] - queued < 2
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)

@@ -489,6 +489,10 @@ class Operations(pyfuse3.Operations):
         parent = self._session_of(parent_inode)
         fname = check_name(name)
         base = await self.writes.base_for_write(parent.session, fname)
+        if base is not None and flags & os.O_EXCL:
+            # the kernel's lookup found no name, but one was committed since
+            # (another daemon, or a close that landed in between)
+            raise pyfuse3.FUSEError(errno.EEXIST)
         w = self.inodes.claim(parent.session, fname, ctx.pid, tgid(ctx.pid), base)
         h = self.writes.open_writer(w, tgid(ctx.pid))
         try:

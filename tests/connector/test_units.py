@@ -239,6 +239,32 @@ def test_api_damaged_chunk_ends_the_prefix(tmp_path):
     assert len(r.errors) == 1 and "checksum" in r.errors[0]
 
 
+def test_api_a_hole_in_a_stored_prompt_is_filled_and_the_rest_left_alone(tmp_path):
+    eng = api_engine(tmp_path)
+    ids = list(range(100, 132))  # 4 chunks
+    kv = [torch.randn(32, 3), torch.randn(32, 3)]
+    assert eng.store_kv(ids, kv, session="s") == 32
+    files = sorted((tmp_path / "s").iterdir(), key=lambda p: p.stat().st_mtime_ns)
+    before = {p.name: p.stat().st_ino for p in files}
+
+    def index_of(p):
+        with ChunkFile(str(p)) as c:
+            return c.metadata["chunk_index"]
+
+    hole = next(p for p in files if index_of(p) == "1")
+    hole.unlink()
+    assert eng.retrieve_kv(ids, session="s").num_tokens == 8
+    # chunks 2 and 3 are not asked for one by one: their writes find them
+    # there and write nothing (not even their checksums)
+    assert eng.store_kv(ids, kv, session="s") == 8
+    after = {p.name: p.stat().st_ino for p in (tmp_path / "s").iterdir()}
+    assert set(after) == set(before)
+    assert all(after[n] == before[n] for n in after if n != hole.name)
+    r = eng.retrieve_kv(ids, session="s")
+    assert r.num_tokens == 32
+    assert all(torch.equal(a, b) for a, b in zip(r.kv_caches, kv, strict=True))
+
+
 def test_api_stores_token_ids_in_the_header(tmp_path):
     eng = api_engine(tmp_path)
     ids = list(range(100, 108))
