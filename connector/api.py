@@ -27,7 +27,14 @@ from typing import Any
 import torch
 
 from .cachedir import CacheDir, NotMounted, shared_index
-from .chunkfile import DTYPES, ChunkError, ChunkFile, chunk_metadata, tensor_bytes
+from .chunkfile import (
+    DTYPES,
+    ChunkError,
+    ChunkFile,
+    RawTensor,
+    chunk_metadata,
+    tensor_bytes,
+)
 from .counters import Counters
 from .keys import KeySpace, chain_root, derived_session, token_chain, valid_session
 from .settings import as_flag, as_mode
@@ -274,6 +281,7 @@ class KVEngine:
                 raise ValueError("all layers must have the same shape")
         L = len(kvs)
         chunk_bytes = L * layer_bytes
+        shape = tuple(chunk_shape)
         buffers = self.mover.buffers(device)
         pool = self.mover.pool
         cuda = device.type == "cuda"
@@ -286,10 +294,9 @@ class KVEngine:
                     event.synchronize()  # the chunk's GPU->host copy has landed
                 else:  # the CPU: gather here, in parallel with other chunks' writes
                     _gather_cpu(kvs, td, i * C, C, buf, chunk_shape)
+                whole = tensor_bytes(buf)  # one torch call; the slices are plain Python
                 tensors = {
-                    layer: buf[j * layer_bytes : (j + 1) * layer_bytes]
-                    .view(dtype)
-                    .view(chunk_shape)
+                    layer: RawTensor(dtype, shape, whole[j * layer_bytes : (j + 1) * layer_bytes])
                     for j, layer in enumerate(self.layer_names)
                 }
                 tokens = ids[i * C : (i + 1) * C]

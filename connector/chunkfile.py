@@ -17,6 +17,7 @@ import os
 import struct
 import zlib
 from collections.abc import Iterable, Mapping
+from typing import NamedTuple
 
 import torch
 
@@ -44,6 +45,17 @@ MAX_HEADER = 16 << 20
 # the file and lands page-aligned in a (pinned) host buffer; the tensors follow
 # each other with no gaps, as safetensors requires.
 ALIGN = 4096
+
+
+class RawTensor(NamedTuple):
+    """A tensor to write given as its bytes: `write_chunk` takes these or
+    torch tensors. The GPU path's I/O threads use them: every torch call lets
+    go of the GIL and waits to take it back, and with eight threads a few
+    hundred such calls a chunk cost ~10 ms each (docs/BENCHMARKS.md)."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    data: memoryview  # C order, contiguous
 
 
 class ChunkError(Exception):
@@ -86,8 +98,10 @@ def _verify(data: list, want: str | None) -> bool:
     return want == f"{crc:08x}"
 
 
-def tensor_bytes(t: torch.Tensor) -> memoryview:
+def tensor_bytes(t: torch.Tensor | RawTensor) -> memoryview:
     """A zero-copy byte view of a contiguous CPU tensor."""
+    if isinstance(t, RawTensor):
+        return t.data
     if not t.is_contiguous():
         raise ValueError("tensor must be contiguous")
     return memoryview(t.reshape(-1).view(torch.uint8).numpy())
@@ -135,7 +149,7 @@ def build_header(
     head: dict[str, object] = {"__metadata__": dict(metadata)}
     offset = 0
     for name, t in tensors.items():
-        n = t.numel() * t.element_size()
+        n = t.data.nbytes if isinstance(t, RawTensor) else t.numel() * t.element_size()
         head[name] = {
             "dtype": DTYPE_NAMES[t.dtype],
             "shape": list(t.shape),

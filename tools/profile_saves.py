@@ -332,27 +332,36 @@ def py_spy(args, device, kv, ids, mnt, pids, out_dir):
     if exe is None:
         print("py-spy not found: no profile of the daemon")
         return None
-    path = out_dir / "daemon-saves.raw"
-    prof = subprocess.Popen(
-        [exe, "record", "--pid", str(pids["daemon"]), "--nonblocking", "--threads",
-         "--rate", "250", "--duration", str(int(args.py_spy)), "--format", "raw", "-o", str(path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    # the daemon, and this process's threads while they hold the GIL
+    profs = {}
+    for who, pid, extra in (("daemon", pids["daemon"], []), ("saver-gil", os.getpid(), ["--gil"])):
+        path = out_dir / f"{who}-saves.raw"
+        profs[path] = subprocess.Popen(
+            [exe, "record", "--pid", str(pid), "--nonblocking", "--threads", *extra,
+             "--rate", "250", "--duration", str(int(args.py_spy)), "--format", "raw",
+             "-o", str(path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
     time.sleep(1.0)  # attached before the saves start
     eng = bg.engine(args, mnt, True)
     end = time.monotonic() + args.py_spy - 1.5
     r = 0
     while time.monotonic() < end:
         eng.store_kv(bg.fresh(ids, f"spy-{r}"), kv, session=f"spy-{r}")
+        shutil.rmtree(mnt / f"spy-{r - 2}", ignore_errors=True)  # the medium stays small
         r += 1
     eng.close()
-    try:
-        _, err = prof.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        prof.kill()
-        err = "py-spy did not finish"
-    print(f"py-spy: {r} saves sampled -> {path} {err.strip()[-300:]}")
-    return str(path) if path.exists() else None
+    for path, prof in profs.items():
+        try:
+            _, err = prof.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            prof.kill()
+            err = "py-spy did not finish"
+        print(f"py-spy: {r} saves sampled -> {path} {err.strip()[-300:]}")
+    for p in mnt.iterdir():
+        if p.name.startswith("spy-"):
+            shutil.rmtree(p, ignore_errors=True)
+    return [str(p) for p in profs if p.exists()]
 
 
 def main():
@@ -412,7 +421,7 @@ def main():
                         results.append(
                             run_saves(args, device, kv, ids, mnt, label, rec, pids, share)
                         )
-                    if args.py_spy and not extra and not suffix:
+                    if args.py_spy and not extra and medium == media[-1][1]:
                         spy = py_spy(args, device, kv, ids, mnt, pids, out_dir)
                         results.append({"py_spy": spy})
                     st = bg.kvfs_status(mnt)
