@@ -335,21 +335,23 @@ class KVEngine:
                     members = [i for i in todo[pos:] if i < first + group]
                     pos += len(members)
                     span = members[-1] - first + 1
-                    gathered = None
-                    if cuda:
-                        with torch.cuda.stream(stream):
-                            gathered = _gather_gpu(kvs, td, first, span, C, chunk_shape)
-                    for i in members:
-                        buf = buffers.get(chunk_bytes)  # waits while all are being written
-                        event = None
-                        if cuda:
-                            with torch.cuda.stream(stream):
-                                src = gathered[i - first].reshape(-1).view(torch.uint8)
-                                buf.copy_(src, non_blocking=True)
-                                event = torch.cuda.Event()
-                                event.record(stream)
-                        futures.append(pool.submit(write, i, buf, event))
-                    del gathered  # freed in stream order: safe to reuse on `stream`
+                    if not cuda:
+                        for i in members:
+                            buf = buffers.get(chunk_bytes)  # waits while all are being written
+                            futures.append(pool.submit(write, i, buf, None))
+                        continue
+                    # Few torch calls a chunk here: each one gives up the GIL
+                    # that eight I/O threads want too, and waits to get it back.
+                    with torch.cuda.stream(stream):
+                        gathered = _gather_gpu(kvs, td, first, span, C, chunk_shape)
+                        rows = gathered.view(-1).view(torch.uint8).view(span, chunk_bytes)
+                        for i in members:
+                            buf = buffers.get(chunk_bytes)  # waits while all are being written
+                            buf.copy_(rows[i - first], non_blocking=True)
+                            event = torch.cuda.Event()
+                            event.record(stream)
+                            futures.append(pool.submit(write, i, buf, event))
+                    del gathered, rows  # freed in stream order: safe to reuse on `stream`
         finally:
             written, failure = 0, None
             for fut in futures:
@@ -524,6 +526,18 @@ class KVEngine:
             def __init__(self, c: int, buf: torch.Tensor, scratch):
                 self.c, self.buf, self.scratch = c, buf, scratch
                 self.left = len(pieces)
+                # made here, on the submitting thread, so that the I/O threads
+                # make as few torch calls as they can (each gives up the GIL)
+                self.mv = tensor_bytes(buf)
+                self.copies = None
+                if scratch is not None:  # each piece's host -> GPU copy
+                    self.copies = [
+                        (
+                            scratch[a * layer_bytes : b * layer_bytes],
+                            buf[a * layer_bytes : b * layer_bytes],
+                        )
+                        for a, b in pieces
+                    ]
 
         def land(ch: Chunk) -> None:
             """All pieces of a chunk are in: place it (one strided copy)."""
@@ -534,7 +548,7 @@ class KVEngine:
                         dst.copy_(ch.scratch.view(dtype).view(dst.shape))
                     event = torch.cuda.Event()
                     event.record(stream)
-                ch.scratch = None  # freed in stream order
+                ch.scratch = ch.copies = None  # freed in stream order
                 buffers.put(ch.buf, event)
             else:
                 if ch.c not in failed:
@@ -545,14 +559,14 @@ class KVEngine:
             f = files[ch.c]
             try:
                 if ch.c not in failed:
-                    mv = tensor_bytes(ch.buf)
+                    mv = ch.mv
                     for j in range(a, b):
                         dest = mv[j * layer_bytes : (j + 1) * layer_bytes]
                         f.read_into(self.layer_names[j], [dest], verify)
                     if cuda:
+                        dst, src = ch.copies[a // per_piece]
                         with torch.cuda.stream(stream):
-                            lo, hi = a * layer_bytes, b * layer_bytes
-                            ch.scratch[lo:hi].copy_(ch.buf[lo:hi], non_blocking=True)
+                            dst.copy_(src, non_blocking=True)
             except ChunkError as e:
                 with lock:
                     failed.setdefault(ch.c, str(e))
