@@ -247,6 +247,7 @@ class WorkerSide:
         # stream; a layer's CUDA event is what the forward pass's stream waits on.
         self.mover = Mover(settings.io_threads, settings.load_buffer_bytes)
         self._layer_copied: dict[str, object] = {}
+        self._layer_bytes: dict[str, tuple] = {}  # see _cpu_bytes
         self._save_idx: tuple[int, list[torch.Tensor]] | None = None
         self._save_event = None
         self._stall = 0.0
@@ -397,6 +398,19 @@ class WorkerSide:
         to be checked, or None if they were checked already."""
         kv = self.kv_caches[layer]
         blocks = op.block_ids
+        whole = self._cpu_bytes(layer, kv)
+        if whole is not None:
+            # Straight from the file into the paged blocks, as slices of one
+            # byte view of the layer: no torch call a block (hundreds a load).
+            mv, per = whole
+            dests = []
+            for j, b in enumerate(blocks):
+                if j < op.skip_blocks:
+                    dests.append(memoryview(bytearray(per)))
+                else:
+                    dests.append(mv[b * per : (b + 1) * per])
+            f.read_into(layer, dests, verify=False)
+            return dests
         if kv.device.type == "cpu" and all(kv[b].is_contiguous() for b in blocks[:1]):
             # Straight from the file into the paged blocks. Blocks computed
             # locally get their (identical) bytes read into a scratch buffer.
@@ -412,6 +426,18 @@ class WorkerSide:
         idx = torch.tensor(blocks[op.skip_blocks :], device=kv.device)
         kv.index_copy_(0, idx, staged[op.skip_blocks :].to(kv.device))
         return None
+
+    def _cpu_bytes(self, layer: str, kv: torch.Tensor) -> tuple[memoryview, int] | None:
+        """(a byte view of a contiguous CPU layer, bytes a block), made once a
+        tensor; None for a GPU layer or one laid out otherwise."""
+        got = self._layer_bytes.get(layer)
+        if got is not None and got[0] is kv:
+            return got[1]
+        whole = None
+        if kv.device.type == "cpu" and kv.is_contiguous() and kv.dim() > 1:
+            whole = (tensor_bytes(kv), kv[0].numel() * kv.element_size())
+        self._layer_bytes[layer] = (kv, whole)
+        return whole
 
     def open_chunk(self, op: ChunkOp) -> tuple[ChunkFile, bool]:
         """Open a chunk file and check its header against what `op` expects:

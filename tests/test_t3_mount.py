@@ -305,6 +305,31 @@ def test_xattr_set_on_open_file_commits_with_it(kvfs_mount):
     assert os.getxattr(p / "f", "user.tokens") == b"512"
 
 
+@pytest.mark.parametrize("extra_fds", [0, 100])
+def test_a_file_open_twice_commits_at_its_last_close(kvfs_mount, extra_fds):
+    # every close(2) is a FUSE flush: the daemon commits at the one after which
+    # the process holds the file no more, found in /proc (in a worker thread
+    # for a process with many descriptors, as a CUDA one has)
+    p = kvfs_mount.path / "s"
+    p.mkdir()
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(extra_fds)]
+    try:
+        commits = kvfs_mount.status()["counters"]["commits"]
+        fd = os.open(p / "f", os.O_WRONLY | os.O_CREAT, 0o644)
+        fd2 = os.dup(fd)
+        os.write(fd, b"first")
+        os.close(fd)
+        time.sleep(0.2)
+        assert kvfs_mount.status()["counters"]["commits"] == commits
+        os.write(fd2, b" second")
+        os.close(fd2)
+        assert kvfs_mount.status()["counters"]["commits"] == commits + 1
+        assert (p / "f").read_bytes() == b"first second"
+    finally:
+        for h in held:
+            os.close(h)
+
+
 def test_status_reports_counters(kvfs_mount):
     p = kvfs_mount.path / "s"
     p.mkdir()

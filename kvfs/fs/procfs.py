@@ -46,3 +46,11 @@ def holds_file(pid: int, path: str) -> bool:
         except OSError:
             pass
     return False
+
+
+def open_fd_count(pid: int) -> int:
+    """How many descriptors process PID has open (0 if it is gone)."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0

@@ -21,11 +21,14 @@ from .handles import Handle, HandleTable
 from .inodes import FileNode, InodeTable, WriterNode
 from .kernel import Kernel
 from .passthrough import Passthrough
-from .procfs import holds_file
+from .procfs import holds_file, open_fd_count
 
 log = logging.getLogger(__name__)
 
 CLOSING_WAIT = 0.5  # seconds a reader waits for a just-closed writer's commit
+# a closing process with more open descriptors than this is looked through
+# in a worker thread (see Writes._owner_gone)
+INLINE_FDS = 64
 
 
 class CommitInFlight:
@@ -253,7 +256,7 @@ class Writes:
             if node.pending is not p:
                 # another close took it while we looked (see above)
                 await self._await_commit(node)
-            elif node.writers == [h] and self.owner_closed(h):
+            elif node.writers == [h] and await self._owner_gone(h):
                 await self.commit(node)
             else:
                 log.debug(
@@ -286,6 +289,14 @@ class Writes:
         # memory, cheaper than the worker-thread trip it once took.
         await trio.lowlevel.checkpoint()
         return p.dirty
+
+    async def _owner_gone(self, h: Handle) -> bool:
+        """owner_closed, in a worker thread for a process with many open
+        descriptors: a readlink each, and a CUDA process has hundreds (a
+        millisecond or two the loop would otherwise spend on every close)."""
+        if h.owner and open_fd_count(h.owner) > INLINE_FDS:
+            return await self.ns.call_io(self.owner_closed, h)
+        return self.owner_closed(h)
 
     def owner_closed(self, h: Handle) -> bool:
         if not self.mountpoint or not h.owner:
