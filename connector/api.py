@@ -150,6 +150,8 @@ class KVEngine:
         # lookups wait for it.
         self._linker = ThreadPoolExecutor(1, thread_name_prefix="kvfs-link")
         self._links: list[Future] = []
+        # closer threads add links while a lookup takes the list
+        self._links_lock = threading.Lock()
 
     def close(self) -> None:
         self._links_landed()
@@ -157,7 +159,8 @@ class KVEngine:
         self.mover.close()
 
     def _links_landed(self) -> None:
-        links, self._links = self._links, []
+        with self._links_lock:
+            links, self._links = self._links, []
         for fut in links:
             try:
                 fut.result()  # cache.link counts and logs its own failures
@@ -316,10 +319,12 @@ class KVEngine:
         def close(i: int, fd: int) -> int:
             os.close(fd)  # an error here: the chunk was not stored
             if self.index is not None and name != self.index:
-                fut = self._linker.submit(
-                    self.cache.link, name, self._file(i, links[i]), self.index
-                )
-                self._links.append(fut)
+                with self._links_lock:
+                    self._links.append(
+                        self._linker.submit(
+                            self.cache.link, name, self._file(i, links[i]), self.index
+                        )
+                    )
             return C
 
         try:

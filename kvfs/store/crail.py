@@ -178,6 +178,7 @@ WORKERS = 16  # Crail calls in flight at most; a call beyond waits (within its t
 LOST_CONNECTION = ("connection", "broken pipe", "no answer", "closed", "timeout", "timed out")
 RECONNECT_EVERY = 2.0  # seconds: a new client costs a JVM some memory; not one per error
 CLOSE_DROPPED_AFTER = 60.0  # seconds a dropped client stays open for late answers
+PUBLISH_ATTEMPTS = 3  # renames onto a key that another put keeps taking
 STAGING = ".staging"  # PATH/.staging/NODE/: uploads on their way to their key
 
 
@@ -423,12 +424,16 @@ class CrailStore(Store):
         fs = self._client()
         self._mkdir(path.rsplit("/", 1)[0])
         try:
-            if self._lookup(path) is not None:
-                self._remove(path)
-            node = self._wait(fs.rename(tmp, path))
-            if node is None:
-                raise StoreError(f"crail rename {tmp} to {path}: refused")
-            node.syncDir()
+            for _ in range(PUBLISH_ATTEMPTS):
+                if self._lookup(path) is not None:
+                    self._remove(path)
+                node = self._wait(fs.rename(tmp, path))
+                if node is not None:
+                    node.syncDir()
+                    return
+                # refused: another put of the same key (two names of one
+                # file refreshing its header) renamed in between; replace it
+            raise StoreError(f"crail rename {tmp} to {path}: refused")
         except self._j["JException"] as exc:
             raise self._failed(f"rename {tmp}", exc) from None
 
