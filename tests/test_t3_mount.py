@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from kvfs.fs.procfs import open_fd_count
+from kvfs.fs.writes import INLINE_FDS
 from kvfs.namespace import DELETE_GRACE
 from kvfs.objects import block_checksum, sums_of
 
@@ -314,6 +316,8 @@ def test_a_file_open_twice_commits_at_its_last_close(kvfs_mount, extra_fds):
     p.mkdir()
     held = [os.open("/dev/null", os.O_RDONLY) for _ in range(extra_fds)]
     try:
+        # (the daemon counts them with one stat of /proc/PID/fd)
+        assert (open_fd_count(os.getpid()) > INLINE_FDS) == (extra_fds > INLINE_FDS)
         commits = kvfs_mount.status()["counters"]["commits"]
         fd = os.open(p / "f", os.O_WRONLY | os.O_CREAT, 0o644)
         fd2 = os.dup(fd)

@@ -49,8 +49,10 @@ def holds_file(pid: int, path: str) -> bool:
 
 
 def open_fd_count(pid: int) -> int:
-    """How many descriptors process PID has open (0 if it is gone)."""
+    """How many descriptors process PID has open: one stat, no listing
+    (Linux 6.2+ gives the count as the size of /proc/PID/fd; 0 before, and
+    for a process that is gone)."""
     try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
+        return os.stat(f"/proc/{pid}/fd").st_size
     except OSError:
         return 0
