@@ -395,8 +395,8 @@ def kvfs_status(mnt: Path):
         return {"raw": p.stdout[-2000:], "stderr": p.stderr[-2000:]}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def kv_arguments(ap: argparse.ArgumentParser) -> None:
+    """The KV's shape and the connector's engine settings (tools/profile_saves.py too)."""
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--layers", type=int, default=28)
     ap.add_argument("--heads", type=int, default=8)
@@ -405,8 +405,13 @@ def main():
     ap.add_argument("--chunk", type=int, default=256, help="tokens per chunk file")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--io-threads", type=int, default=0, help="0: the connector's default")
-    ap.add_argument("--sweep", type=int, nargs="*", default=[4, 16], help="other thread counts")
     ap.add_argument("--host-buffer-mib", type=int, default=512)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    kv_arguments(ap)
+    ap.add_argument("--sweep", type=int, nargs="*", default=[4, 16], help="other thread counts")
     ap.add_argument("--tmpfs", default="/dev/shm/kvbench", help="plain directory on tmpfs")
     ap.add_argument("--mount", default="/mnt/kvbench")
     ap.add_argument("--store", default="/dev/shm/kvbench-store", help="the mount's store")

@@ -282,7 +282,7 @@ def daemon_pids(mnt: Path) -> dict[str, int]:
 
 
 def raw_writes(args, where: Path, threads: int, prealloc: bool, suffix: str):
-    """The KV's bytes as 32 chunk-sized files written by THREADS threads from
+    """The KV's bytes as chunk-sized files (32 by default) written by THREADS threads from
     one host buffer, into new files (kept, as a save's are) or files whose
     space was fallocated beforehand (untimed): the medium's own write speed,
     and how much of it is taking fresh pages."""
@@ -315,7 +315,7 @@ def raw_writes(args, where: Path, threads: int, prealloc: bool, suffix: str):
     label = f"raw {threads}t{' falloc' if prealloc else ''}{suffix}"
     gbps = len(buf) * files / statistics.median(times) / GB
     print(f"{label:<22} {gbps:6.2f} GB/s (median of 3)")
-    return {"label": label, "raw": True, "gbps": gbps, "seconds": times}
+    return {"label": label, "raw": True, "files": files, "gbps": gbps, "seconds": times}
 
 
 def mount(mnt: Path, store: Path, *extra):
@@ -366,15 +366,7 @@ def py_spy(args, device, kv, ids, mnt, pids, out_dir):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--device", default="cuda")
-    ap.add_argument("--layers", type=int, default=28)
-    ap.add_argument("--heads", type=int, default=8)
-    ap.add_argument("--head-dim", type=int, default=128)
-    ap.add_argument("--tokens", type=int, default=8192)
-    ap.add_argument("--chunk", type=int, default=256)
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--io-threads", type=int, default=0)
-    ap.add_argument("--host-buffer-mib", type=int, default=512)
+    bg.kv_arguments(ap)
     ap.add_argument("--tmpfs", default="/dev/shm/kvprof", help="plain dir; the store beside it")
     ap.add_argument("--mount", default="/mnt/kvprof")
     ap.add_argument("--huge", help="also on a tmpfs mounted here with huge=within_size (root only)")
@@ -442,7 +434,7 @@ def main():
         m = r.get("median")
         if "raw" in r:
             print(
-                f"{r['label']:<15} {r['gbps']:5.2f}  (the medium alone: 32 files, no CRC, no GPU)"
+                f"{r['label']:<15} {r['gbps']:5.2f}  (the medium alone: {r['files']} files, no CRC, no GPU)"
             )
         elif m:
             print(
