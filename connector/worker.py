@@ -399,25 +399,24 @@ class WorkerSide:
         kv = self.kv_caches[layer]
         blocks = op.block_ids
         whole = self._cpu_bytes(layer, kv)
+        if (
+            whole is None
+            and kv.device.type == "cpu"
+            and all(kv[b].is_contiguous() for b in blocks[:1])
+        ):
+            per = kv[0].numel() * kv.element_size()
+            whole = (None, per)  # blocks contiguous, the layer not: a view a block
         if whole is not None:
-            # Straight from the file into the paged blocks, as slices of one
-            # byte view of the layer: no torch call a block (hundreds a load).
+            # Straight from the file into the paged blocks (from one byte view
+            # of the layer: no torch call a block). Blocks computed locally get
+            # their (identical) bytes read into a scratch buffer.
             mv, per = whole
             dests = []
             for j, b in enumerate(blocks):
                 if j < op.skip_blocks:
                     dests.append(memoryview(bytearray(per)))
-                else:
+                elif mv is not None:
                     dests.append(mv[b * per : (b + 1) * per])
-            f.read_into(layer, dests, verify=False)
-            return dests
-        if kv.device.type == "cpu" and all(kv[b].is_contiguous() for b in blocks[:1]):
-            # Straight from the file into the paged blocks. Blocks computed
-            # locally get their (identical) bytes read into a scratch buffer.
-            dests = []
-            for j, b in enumerate(blocks):
-                if j < op.skip_blocks:
-                    dests.append(memoryview(bytearray(kv[b].numel() * kv.element_size())))
                 else:
                     dests.append(tensor_bytes(kv[b]))
             f.read_into(layer, dests, verify=False)
