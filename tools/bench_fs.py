@@ -31,6 +31,8 @@ import sys
 import tempfile
 import time
 
+from benchlib import tree_cpu
+
 from kvfs.config import parse_size
 
 GB = 1e9
@@ -110,20 +112,7 @@ class Mount:
 
     def cpu(self) -> float:
         """CPU seconds (user + system) of the daemon and its children (a private etcd)."""
-        total, todo = 0.0, [self.pid] if self.pid else []
-        tick = os.sysconf("SC_CLK_TCK")
-        while todo:
-            pid = todo.pop()
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-                total += (int(fields[11]) + int(fields[12])) / tick
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    with open(f"/proc/{pid}/task/{task}/children") as f:
-                        todo += [int(c) for c in f.read().split()]
-            except (OSError, ValueError, IndexError):
-                pass
-        return total
+        return tree_cpu(self.pid) if self.pid else 0.0
 
     def commits(self) -> int:
         return self.status()["counters"]["commits"]

@@ -54,6 +54,24 @@ def stop_etcd(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system, every thread) of PID and its descendants."""
+    total, todo = 0.0, [pid]
+    tick = os.sysconf("SC_CLK_TCK")
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / tick
+            for task in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except (OSError, ValueError, IndexError):
+            pass  # gone meanwhile
+    return total
+
+
 def self_mount(store: Path, state_parent: Path | None = None) -> tuple[Path, Path]:
     """Mount kvfs (its private etcd) over STORE: (mountpoint, state directory)."""
     mnt = Path(tempfile.mkdtemp(prefix="kvbench-mnt-"))
