@@ -15,6 +15,7 @@ import base64
 import json
 import os
 import struct
+import time
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
@@ -237,6 +238,7 @@ class ChunkFile:
 
     def __init__(self, path: str, willneed: bool = True):
         self.path = path
+        self.opened = time.monotonic()
         try:
             self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -262,7 +264,11 @@ class ChunkFile:
             pass
 
     def _parse(self) -> None:
-        size = os.fstat(self.fd).st_size
+        st = os.fstat(self.fd)
+        # which file this is: a name later found to lead elsewhere (rewritten,
+        # removed) must not be served from this descriptor (see worker.OpenChunks)
+        self.ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        self.size = size = st.st_size
         if size < 8:
             raise ChunkError(self.path, "truncated header")
         (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))

@@ -18,6 +18,8 @@ FIELDS = {
     "loaded_files": "Chunk files read and checked.",
     "loaded_tokens": "Tokens whose KV was read and checked.",
     "loaded_bytes": "Bytes of the chunk files loaded.",
+    "reused_opens": "Chunk files loaded through a descriptor kept from an earlier load "
+    "(no open through the mount, no header read).",
     "load_errors": "Chunk files that failed validation or vanished (failed loads).",
     "load_seconds": "Time from start_load_kv to the last layer loaded.",
     "saved_files": "Chunk files written.",

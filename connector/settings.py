@@ -40,6 +40,7 @@ class Settings:
     model_id: str | None = None  # overrides the model name in keys (same model, other path)
     verify_checksum: bool = True  # CRC-32 every layer on load
     layerwise_load: bool = True  # load in a background thread, layer by layer
+    keep_open: bool = True  # keep chunk files open between loads (worker.OpenChunks)
     set_xattrs: bool = True  # label chunk files with user.* attributes for getfattr
     max_pending_save_bytes: int = 1 << 30  # beyond this, new saves are dropped, not waited for
     staging_bytes: int = 128 << 20  # warm host buffers kept for copying chunks out

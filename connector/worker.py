@@ -223,6 +223,95 @@ def _copy_out(kv_layer: torch.Tensor, jobs: list[tuple[list[int], torch.Tensor]]
             staged.copy_(kv_layer.index_select(0, idx))
 
 
+class OpenChunks:
+    """Chunk files kept open between loads, by path.
+
+    A prefix in demand is loaded again and again (a shared system prompt),
+    and each load of a chunk file was an open and a close through the mount
+    (two daemon round trips) and a header read and parse: a fifth of a
+    1k-token hit's load on a 2-core machine, and most of the forward pass's
+    wait for its first layer. A kept file is used again only while its
+    path still leads to it: a `stat` of the path (answered from the kernel's
+    cache right after the scheduler's lookup) must show the same file, so a
+    chunk rewritten or removed since is never read from the old descriptor.
+    Kept at most MAX_AGE seconds, so the daemon still sees an open of a file
+    in use that often (its read-extends-life), and a removed file's space is
+    not held for long; at most MAX_OPEN files.
+    """
+
+    MAX_AGE = 5.0
+    MAX_OPEN = 256
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._files: dict[str, ChunkFile] = {}
+        self._stop = threading.Event()
+        self._sweeper: threading.Thread | None = None
+
+    def take(self, path: str) -> ChunkFile | None:
+        """The kept file for PATH if it still is what PATH names (it is the
+        caller's until given back); None otherwise. Raises ChunkError
+        "missing" if PATH is gone."""
+        with self._lock:
+            f = self._files.pop(path, None)
+        if f is None:
+            return None
+        try:
+            if time.monotonic() - f.opened > self.MAX_AGE:
+                f.close()
+                return None
+            st = os.stat(path)
+        except FileNotFoundError:
+            f.close()
+            raise ChunkError(path, "missing") from None
+        except OSError:
+            f.close()
+            return None
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns) != f.ident:
+            f.close()
+            return None
+        return f
+
+    def give(self, f: ChunkFile) -> None:
+        """Keep F (read and checked good) for the next load of its path."""
+        if f.fd < 0:
+            return
+        with self._lock:
+            old = self._files.pop(f.path, None)
+            self._files[f.path] = f
+            drop = [old] if old is not None and old is not f else []
+            while len(self._files) > self.MAX_OPEN:  # the longest kept go first
+                drop.append(self._files.pop(next(iter(self._files))))
+            if self._sweeper is None and not self._stop.is_set():
+                self._sweeper = threading.Thread(
+                    target=self._sweep, name="kvfs-keep-open", daemon=True
+                )
+                self._sweeper.start()
+        for g in drop:
+            g.close()
+
+    def _sweep(self) -> None:
+        # closes what no load asked for again: an idle engine holds no file
+        # (nor, for a removed one, its space) for longer than about 2 x MAX_AGE
+        while not self._stop.wait(self.MAX_AGE):
+            now = time.monotonic()
+            with self._lock:
+                old = [p for p, f in self._files.items() if now - f.opened > self.MAX_AGE]
+                drop = [self._files.pop(p) for p in old]
+            for f in drop:
+                f.close()
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def clear(self) -> None:
+        self._stop.set()
+        with self._lock:
+            files, self._files = self._files, {}
+        for f in files.values():
+            f.close()
+
+
 class WorkerSide:
     """Per-worker state: the paged cache, the loads of this step, the writer."""
 
@@ -248,6 +337,7 @@ class WorkerSide:
         self.mover = Mover(settings.io_threads, settings.load_buffer_bytes)
         self._layer_copied: dict[str, object] = {}
         self._layer_bytes: dict[str, tuple] = {}  # see _cpu_bytes
+        self.open_files = OpenChunks()
         self._save_idx: tuple[int, list[torch.Tensor]] | None = None
         self._save_event = None
         self._stall = 0.0
@@ -445,11 +535,11 @@ class WorkerSide:
         name = self.space.file_name(op.index, bytes.fromhex(op.link), op.num_tokens)
         from_index = False
         try:
-            f = self.cache.open(op.session, name)
+            f = self._open(op.session, name)
         except ChunkError as e:
             if e.reason != "missing" or self.index is None or op.session == self.index:
                 raise
-            f = self.cache.open(self.index, name)
+            f = self._open(self.index, name)
             from_index = True
         try:
             f.expect(self.space.header(bytes.fromhex(op.link), bytes.fromhex(op.parent)))
@@ -459,6 +549,13 @@ class WorkerSide:
             f.close()
             raise
         return f, from_index
+
+    def _open(self, session: str, name: str) -> ChunkFile:
+        f = self.open_files.take(self.cache.path(session, name))
+        if f is not None:
+            self.stats.add("reused_opens", 1)
+            return f
+        return self.cache.open(session, name)
 
     # -- saving --------------------------------------------------------------
 
@@ -572,6 +669,7 @@ class WorkerSide:
         self.writer.flush()
         self.writer.close()
         self.mover.close()
+        self.open_files.clear()
 
 
 class _StepLoad:
@@ -600,9 +698,14 @@ class _StepLoad:
             self.failed_at[op.req_id] = op.index
         self.drop(i)
 
-    def drop(self, i: int) -> None:
+    def drop(self, i: int, keep: bool = False) -> None:
         f = self.files.pop(i, None)
-        if f is not None:
+        if f is None:
+            pass
+        elif keep and self.worker.settings.keep_open:
+            # read and checked good: the next load of it needs no open
+            self.worker.open_files.give(f)
+        else:
             f.close()
 
     @torch.inference_mode()
@@ -633,8 +736,8 @@ class _StepLoad:
             if w.on_gpu:  # copies still queued must not land in recomputed blocks
                 w.mover.stream(w.device).synchronize()
         finally:
-            for i in list(self.files):
-                self.drop(i)
+            for i in list(self.files):  # what is left loaded (a failure dropped its own)
+                self.drop(i, keep=self.usable(i))
             w.all_layers_loaded()
             w.stats.add("load_seconds", time.perf_counter() - t0)
             w.stats.add("loads", 1)
@@ -746,6 +849,6 @@ class _StepLoad:
                 op = self.ops[i]
                 w.stats.add("loaded_files", 1)
                 w.stats.add("loaded_tokens", (len(op.block_ids) - op.skip_blocks) * block_tokens)
-                w.stats.add("loaded_bytes", os.fstat(f.fd).st_size)
+                w.stats.add("loaded_bytes", f.size)
                 if i in self.from_index:  # checked good: the session keeps it too
                     w.writer.link_later(op.session, os.path.basename(f.path))

@@ -49,9 +49,9 @@ def matched(sched: SchedulerSide, info: PromptInfo) -> int:
 class Worker:
     """WorkerSide over paged CPU blocks, saving and loading as vLLM drives it."""
 
-    def __init__(self, root, shared: bool | None = True, require_kvfs: bool = False):
+    def __init__(self, root, shared: bool | None = True, require_kvfs: bool = False, **kw):
         os.makedirs(root, exist_ok=True)
-        settings = Settings(mount=str(root), require_kvfs=require_kvfs)
+        settings = Settings(mount=str(root), require_kvfs=require_kvfs, **kw)
         self.cache = CacheDir(str(root), require_kvfs=require_kvfs, shared=shared)
         self.space = space()
         self.w = WorkerSide(settings, self.space, LOG, cache=self.cache)

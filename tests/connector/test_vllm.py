@@ -81,8 +81,11 @@ def test_store_then_load_in_fresh_process(kvfs_mount, tiny_models, baseline, run
         kvfs_mount.path,
     )
     a, b, c, c_again = loaded["results"]
-    # The daemon saw the chunk files opened for reading: A's and C's five, B's two.
-    assert kvfs_mount.status()["counters"]["files_read"] - reads_before >= 12
+    # The daemon saw the chunk files opened for reading: A's and C's five, and
+    # B's two unless the worker still held them open from A's load (reused).
+    opened = kvfs_mount.status()["counters"]["files_read"] - reads_before
+    reused = sum(r["worker"].get("reused_opens", 0) for r in loaded["results"])
+    assert opened >= 10 and opened + reused >= 12
     # The whole cached prefix is loaded: every block short of the last token.
     hit = loadable("A")
     assert a["kv_transfer_params"]["kvfs_hit_tokens"] == hit
