@@ -331,59 +331,62 @@ def main(argv=None) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def table(columns: list[str], rows: list[list[str]]) -> None:
+    print()
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def report(results: dict, lengths: list[int]) -> None:
     kvfs = [v for v in results if v.startswith("kvfs")]
     example = next((v for v in results if v.startswith("example")), None)
-    print()
-    print(
-        "| variant | prompt | recompute | kvfs hit | hit/recompute | ExampleConnector hit |"
-        " kvfs/Example (median of pairs) | half-prefix hit/recompute | steal |"
+
+    def hit_row(name: str, n: int) -> list[str]:
+        k = results[name][str(n)]
+        e = results[example][str(n)] if example else None
+        partial = "partial_hit_s" in k  # once per store (see measure)
+        return [
+            name,
+            f"{n}",
+            f"{k['recompute_s'] * 1e3:.0f} ms",
+            f"{k['hit_s'] * 1e3:.0f} ms",
+            f"{k['hit_s'] / k['recompute_s']:.2f}",
+            f"{e['hit_s'] * 1e3:.0f} ms" if e else "-",
+            f"{k[f'ratio_to_{example}']:.2f}" if e else "-",
+            f"{k['partial_hit_s'] / k['partial_recompute_s']:.2f}" if partial else "-",
+            f"{k['steal_share']:.0%}",
+        ]
+
+    def save_row(name: str, n: int) -> list[str]:
+        k = results[name][str(n)]
+        return [
+            name,
+            f"{n}",
+            f"{k['saved_bytes'] / 1e6:.1f} MB",
+            f"{k['store_s'] * 1e3:.0f} ms",
+            f"{k['save_stall_s'] * 1e3:.1f} ms",
+            f"{k['save_stall_s'] / k['store_s']:.3f}",
+            f"{k['save_write_s'] * 1e3:.0f} ms",
+            f"{k['load_s'] * 1e3:.0f} ms",
+        ]
+
+    table(
+        ["variant", "prompt", "recompute", "kvfs hit", "hit/recompute", "ExampleConnector hit"]
+        + ["kvfs/Example (median of pairs)", "half-prefix hit/recompute", "steal"],
+        [hit_row(name, n) for name in kvfs for n in lengths],
     )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for name in kvfs:
-        for n in lengths:
-            k = results[name][str(n)]
-            e = results[example][str(n)] if example else None
-            cells = [
-                name,
-                f"{n}",
-                f"{k['recompute_s'] * 1e3:.0f} ms",
-                f"{k['hit_s'] * 1e3:.0f} ms",
-                f"{k['hit_s'] / k['recompute_s']:.2f}",
-                f"{e['hit_s'] * 1e3:.0f} ms" if e else "-",
-                f"{k[f'ratio_to_{example}']:.2f}" if e else "-",
-                f"{k['partial_hit_s'] / k['partial_recompute_s']:.2f}"
-                if "partial_hit_s" in k
-                else "-",
-                f"{k['steal_share']:.0%}",
-            ]
-            print("| " + " | ".join(cells) + " |")
-    print()
-    print(
-        "| variant | prompt | KV bytes | store TTFT | save stall in forward | stall/store TTFT |"
-        " background write | load step per hit |"
+    table(
+        ["variant", "prompt", "KV bytes", "store TTFT", "save stall in forward"]
+        + ["stall/store TTFT", "background write", "load step per hit"],
+        [save_row(name, n) for name in kvfs for n in lengths],
     )
-    print("|---|---|---|---|---|---|---|---|")
-    for name in kvfs:
-        for n in lengths:
-            k = results[name][str(n)]
-            cells = [
-                name,
-                f"{n}",
-                f"{k['saved_bytes'] / 1e6:.1f} MB",
-                f"{k['store_s'] * 1e3:.0f} ms",
-                f"{k['save_stall_s'] * 1e3:.1f} ms",
-                f"{k['save_stall_s'] / k['store_s']:.3f}",
-                f"{k['save_write_s'] * 1e3:.0f} ms",
-                f"{k['load_s'] * 1e3:.0f} ms",
-            ]
-            print("| " + " | ".join(cells) + " |")
-    print()
-    print("| prompt | CPU per hit: " + " | ".join(results) + " |")
-    print("|---|" + "---|" * len(results))
-    for n in lengths:
-        cells = [f"{r[str(n)]['hit_cpu_s'] * 1e3:.0f} ms" for r in results.values()]
-        print(f"| {n} | " + " | ".join(cells) + " |")
+    table(
+        ["prompt", *(f"CPU per hit: {v}" for v in results)],
+        [[f"{n}", *(f"{r[str(n)]['hit_cpu_s'] * 1e3:.0f} ms" for r in results.values())]
+         for n in lengths],
+    )  # fmt: skip
     for n in lengths:
         hits = {v: [round(h * 1e3) for h in r[str(n)]["hits"]] for v, r in results.items()}
         print(f"hits at {n} tokens (ms, in the order taken): {hits}")
