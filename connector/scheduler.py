@@ -10,6 +10,7 @@ requests only as plain `PromptInfo`; the vLLM facade translates.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -22,10 +23,14 @@ from .keys import KeySpace, chain, chain_root, derived_session, token_chain, val
 from .plan import ChunkOp, StepPlan
 from .settings import RequestOptions, Settings
 
-# How long the scheduler thread waits for a lookup before telling vLLM to ask
-# again next step: long enough for a few stats of cached names, short enough
-# that a slow mount (names not cached, etcd far away) never stalls scheduling.
-LOOKUP_WAIT_SECONDS = 0.001
+# How long the scheduler thread may wait for lookups in one engine step, all
+# requests together, before telling vLLM to ask again next step: enough for a
+# lookup of cached names (hashing and a stat a chunk: ~1-3 ms for 1-4k tokens
+# while the waiting thread leaves the lookup the GIL), while a slow mount
+# (names not cached, etcd far away) delays a step by at most this much
+# however many requests arrive. An answer deferred costs the request an
+# engine step and more asks, in which the lookup competes for the GIL.
+LOOKUP_WAIT_SECONDS = 0.005
 
 
 @dataclass
@@ -102,6 +107,7 @@ class SchedulerSide:
         self._reqs: dict[str, _Req | None] = {}  # None: a request the cache cannot serve
         self._lookups: dict[str, _Lookup] = {}
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="kvfs-lookup")
+        self._wait_left = LOOKUP_WAIT_SECONDS  # this step's; renewed by build_plan
         self._block_ids_of: Callable[[str], list[int]] = lambda req_id: []
         self._unresolved_lora: set[str] = set()
         # Every session of this configuration shares one index directory:
@@ -204,19 +210,15 @@ class SchedulerSide:
             info = describe() if req_id not in self._reqs else None
             future = self._pool.submit(self._lookup, st, info, num_computed_tokens)
             look = self._lookups[req_id] = _Lookup(num_computed_tokens, future)
-            try:
-                look.future.result(timeout=LOOKUP_WAIT_SECONDS)
-            except FutureTimeout:
+            if not self._wait(look):
                 self.stats.add("lookups_deferred", 1)
                 return None, False
         elif not look.future.done():
-            # Wait again, as briefly: an engine with nothing else to run asks
-            # in a tight loop that holds the GIL, and the lookup thread, which
-            # needs it back after each stat, then advanced one stat per
-            # switch interval (5 ms).
-            try:
-                look.future.result(timeout=LOOKUP_WAIT_SECONDS)
-            except FutureTimeout:
+            # Wait again, within the step's budget: an engine with nothing else
+            # to run asks in a tight loop that holds the GIL, and the lookup
+            # thread, which needs it back after each stat, then advanced one
+            # stat per switch interval (5 ms).
+            if not self._wait(look):
                 return None, False
         # A result is used once: should the request not be allocated now, the
         # next call looks again rather than trust files that may be gone.
@@ -227,6 +229,17 @@ class SchedulerSide:
             return 0, False
         st.local = num_computed_tokens
         return max(0, hit_end - num_computed_tokens), False
+
+    def _wait(self, look: _Lookup) -> bool:
+        """Wait for a lookup out of this step's budget: whether it is done."""
+        t0 = time.perf_counter()
+        try:
+            look.future.result(timeout=max(0.0, self._wait_left))
+            done = True
+        except FutureTimeout:
+            done = False
+        self._wait_left -= time.perf_counter() - t0
+        return done
 
     def update_state_after_alloc(
         self, req_id: str, block_ids: list[int], num_external_tokens: int
@@ -327,6 +340,7 @@ class SchedulerSide:
     ) -> StepPlan:
         """The step's plan; `progress` maps each scheduled request to (tokens
         computed before this step, tokens scheduled in it)."""
+        self._wait_left = LOOKUP_WAIT_SECONDS  # the plan ends a step's scheduling
         plan = StepPlan(finished=sorted(finished))
         self._plan_loads(plan)
         for req_id, (before, scheduled) in progress.items():

@@ -721,13 +721,16 @@ class _StepLoad:
                 gpu = w.on_gpu
                 if gpu:
                     self.index_gpu()
-                for layer in w.kv_caches:
-                    if gpu:
-                        self.read_gpu(layer)
-                    else:
-                        self.read(layer)
-                    w.layer_loaded(layer)
-                self.verify()
+                if not gpu and not w.settings.layerwise_load:
+                    self.read_chunks()
+                else:
+                    for layer in w.kv_caches:
+                        if gpu:
+                            self.read_gpu(layer)
+                        else:
+                            self.read(layer)
+                        w.layer_loaded(layer)
+                    self.verify()
                 self.count()
         except Exception as e:  # a bug or an I/O error: a miss, never a crash
             w.log.exception("kvfs: loading failed")
@@ -764,6 +767,29 @@ class _StepLoad:
                 continue
             if dests is not None and self.worker.settings.verify_checksum:
                 self.checks.append((i, layer, dests))
+
+    def read_chunks(self) -> None:
+        """Every layer of every chunk, the chunks spread over the I/O threads
+        and each layer checked right after its read (its bytes still in the
+        core's cache): a load that ends before the forward pass starts, with
+        every core to itself."""
+        w = self.worker
+        verify = w.settings.verify_checksum
+        todo = sorted((i for i in self.files if self.usable(i)), key=lambda i: self.ops[i].index)
+
+        def one(i: int) -> None:
+            f, op = self.files[i], self.ops[i]
+            for layer in w.kv_caches:
+                dests = w.read_layer(f, op, layer)
+                if dests is not None and verify:
+                    f.check(layer, dests)
+
+        futs = [(i, w.mover.pool.submit(one, i)) for i in todo]
+        for i, fut in futs:  # a request's first failed chunk is the one reported
+            try:
+                fut.result()
+            except ChunkError as e:
+                self.fail(i, e.reason)
 
     def index_gpu(self) -> None:
         """Each chunk's destination blocks as a GPU index, once for all layers

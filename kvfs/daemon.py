@@ -235,6 +235,7 @@ class Daemon:
             await self.scrub(force=True)
         elif verb == "invalidate":
             self.ns.cache.invalidate_all()
+            self.ops.forget_all_names()  # the kernel's copies too
         else:
             raise KvfsError(f"unknown control {verb!r}", errno.EINVAL)
 
@@ -425,6 +426,7 @@ class Daemon:
                 if not self.watch_state.startswith("down"):  # once per outage
                     log.warning("etcd watch down: %s", exc)
                 self.watch_state = f"down: {exc}"
+                self.ops.coherent = False
                 return rev, False
             try:
                 if self.watch_state != "starting":
@@ -436,17 +438,21 @@ class Daemon:
                         await ns.load_index()
                     except Exception as exc:  # etcd down again, or a bad record
                         log.warning("could not reload the entry index: %s", exc)
+                    self.ops.forget_all_names()  # the kernel's names may be as stale
+                self.ops.coherent = True
                 ready()
                 async for item in recv:
                     if isinstance(item, Exception):
                         log.warning("etcd watch broke (%s); resuming at revision %s", item, rev)
                         if "Compacted" in type(item).__name__:
                             rev = None
+                        self.ops.coherent = False
                         break
                     for ev in item:
                         rev = ev.revision + 1
                         self._apply_event(ev)
             finally:
+                self.ops.coherent = False  # until the next round is up
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(
                         self.meta.cancel_watch, handle, abandon_on_cancel=True
@@ -474,6 +480,7 @@ class Daemon:
                 exc,
             )
             ns.cache.invalidate_all()
+            ops.forget_all_names()
 
     async def run_signals(self, task_status=trio.TASK_STATUS_IGNORED):
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:

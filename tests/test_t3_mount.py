@@ -298,6 +298,31 @@ def test_ls_l_does_not_ask_for_labels_and_acls_per_file(kvfs_mount):
     assert asked <= 4, asked
 
 
+def test_committed_names_stay_in_the_kernel_while_the_watch_is_up(kvfs_mount):
+    # the connector stats every chunk file of a prompt at each lookup: names the
+    # watch keeps coherent are cached for attrs.FILE_TIMEOUT (10 s), so a stat
+    # seconds later is the kernel's alone (another mount's changes still show
+    # within a second: test_t4_links.test_two_mounts_see_links_come_and_go)
+    p = kvfs_mount.path / "s"
+    p.mkdir()
+    files = [p / f"f{i}" for i in range(16)]
+    for f in files:
+        f.write_bytes(b"x")
+    time.sleep(0.5)  # the watch events of the commits have invalidated what they do
+    for f in files:
+        os.stat(f)
+
+    def asked():
+        ops = kvfs_mount.status()["operations"]
+        return sum(ops.get(k, {}).get("count", 0) for k in ("lookup", "getattr"))
+
+    time.sleep(1.5)  # past the 1 s that directories and new names get
+    before = asked()
+    for f in files:
+        os.stat(f)
+    assert asked() - before <= 2, "a stat of a cached name reached the daemon"  # 2: the root's
+
+
 def test_xattr_set_on_open_file_commits_with_it(kvfs_mount):
     p = kvfs_mount.path / "s"
     p.mkdir()

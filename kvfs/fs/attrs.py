@@ -9,6 +9,12 @@ from ..records import Entry, SessionInfo
 from .inodes import ROOT, Node, WriterNode
 
 TIMEOUT = 1.0  # seconds the kernel may trust a name or attributes without asking
+# ... a committed file's name and attributes, while the etcd watch is up: every
+# change to them (here, by another mount, by expiry) invalidates the kernel's
+# copy, so the time only bounds how long a missed invalidation could last. A
+# name asked for again after TIMEOUT is a request through the daemon (~0.2 ms):
+# the connector stats every chunk of a prompt at each lookup.
+FILE_TIMEOUT = 10.0
 BLKSIZE = 1 << 20  # tells cp and friends to move bytes in 1 MiB requests
 
 
@@ -48,8 +54,8 @@ def session_attr(node: Node, info: SessionInfo) -> pyfuse3.EntryAttributes:
     return a
 
 
-def file_attr(node: Node, entry: Entry) -> pyfuse3.EntryAttributes:
-    a = _base(node.ino)
+def file_attr(node: Node, entry: Entry, timeout: float = TIMEOUT) -> pyfuse3.EntryAttributes:
+    a = _base(node.ino, timeout)
     a.st_mode = stat.S_IFREG | (entry.mode & 0o1777)
     a.st_nlink = entry.nlink
     a.st_uid, a.st_gid = entry.uid, entry.gid

@@ -195,6 +195,14 @@ class InodeTable:
             if (node.session, node.name) == (session, name) and node.keys:
                 node.session, node.name, _ = next(iter(node.keys))
 
+    def file_ino(self, version: str) -> int | None:
+        """The inode of version VERSION, by whichever name the kernel knows it."""
+        return self._files.get(version)
+
+    def bound_names(self) -> list[tuple[str, str, str]]:
+        """(session, name, version) of every name the kernel may hold bound to a version."""
+        return list(self._versions)
+
     def version_ino(self, session: str, name: str, version: str) -> int | None:
         return self._versions.get((session, name, version))
 

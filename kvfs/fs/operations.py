@@ -86,6 +86,8 @@ class Operations(pyfuse3.Operations):
         self.handle_killpriv_v2 = True
         self.ns = ns
         self.kernel = kernel or Kernel()
+        # The etcd watch is up and delivering: names may be cached long (file_timeout).
+        self.coherent = False
         self.control_fn = control_fn
         self.uid, self.gid = os.getuid(), os.getgid()
         self.started = time.time_ns()
@@ -120,6 +122,20 @@ class Operations(pyfuse3.Operations):
 
     # -- coherence with etcd (called by the watch) -----------------------------------
 
+    @property
+    def file_timeout(self) -> float:
+        """How long the kernel may keep a committed file's name and attributes:
+        long only while the watch tells us of every change."""
+        return attrs.FILE_TIMEOUT if self.coherent else attrs.TIMEOUT
+
+    def forget_all_names(self) -> None:
+        """The watch missed events (an outage, a record it could not read):
+        names the kernel holds may be stale; make it look each one up again."""
+        for session, name, _ in list(self.inodes.bound_names()):
+            sino = self.inodes.session_ino(session)
+            if sino is not None:
+                self.kernel.invalidate_entry(sino, name)
+
     def _forget_name(self, session: str, name: str, keep: str | None = None) -> None:
         """Make the kernel look SESSION/NAME up again at its next use.
 
@@ -131,6 +147,8 @@ class Operations(pyfuse3.Operations):
         for node in bound:
             # its object may be deleted soon: a kept backing file would hold its space
             self.passthrough.forgotten(node)
+            if len(node.keys) > 1:  # a hard link's other names remain: st_nlink
+                self.kernel.invalidate_inode(node.ino)
         sino = self.inodes.session_ino(session)
         if sino is not None and bound:
             self.kernel.invalidate_entry(sino, name)
@@ -144,6 +162,9 @@ class Operations(pyfuse3.Operations):
                 self.inodes.nodes[ino].entry = entry
                 self.kernel.invalidate_inode(ino)
                 return
+            other = self.inodes.file_ino(entry.version)
+            if other is not None:  # a new name of a file known by another: st_nlink
+                self.kernel.invalidate_inode(other)
         # a new version, or gone: the name must resolve afresh
         self._forget_name(session, name, keep=entry.version if entry else None)
 
@@ -166,7 +187,7 @@ class Operations(pyfuse3.Operations):
         current = await self.ns.get_entry(node.session, node.name)
         if current is not None and current.version == node.entry.version:
             node.entry = current
-        return attrs.file_attr(node, node.entry)
+        return attrs.file_attr(node, node.entry, self.file_timeout)
 
     def _session_of(self, parent_inode) -> SessionNode:
         """The session directory PARENT_INODE names, for an operation on a file in it."""
@@ -206,7 +227,7 @@ class Operations(pyfuse3.Operations):
                     if entry is None:
                         raise NotFound(fname)
                     node = self.inodes.version(entry)
-                    attr = attrs.file_attr(node, entry)
+                    attr = attrs.file_attr(node, entry, self.file_timeout)
                     if ctx is not None and self.inodes.reopening(ctx.pid, node.ino):
                         # the retry of a writable open of this linked file: the
                         # writer inode goes to the name it came by
@@ -334,7 +355,7 @@ class Operations(pyfuse3.Operations):
                 attr = attrs.session_attr(child, rec)
             else:
                 child = self.inodes.version(rec)
-                attr = attrs.file_attr(child, rec)
+                attr = attrs.file_attr(child, rec, self.file_timeout)
             if not self.kernel.readdir_reply(token, name.encode(), attr, i + 1):
                 break
             self.inodes.looked_up(child)
@@ -418,7 +439,7 @@ class Operations(pyfuse3.Operations):
         new = await self.ns.link_file(entry, parent.session, fname)
         node = self.inodes.version(new)
         self.inodes.looked_up(node)
-        return attrs.file_attr(node, new)
+        return attrs.file_attr(node, new, self.file_timeout)
 
     @fuse_operation
     async def symlink(self, parent_inode, name, target, ctx):

@@ -102,3 +102,23 @@ def test_at_most_max_open_files_are_kept(tmp_path, monkeypatch):
     assert len(w.w.open_files) == 2
     w.load("s")
     assert reused(w) == 2  # the two kept last (chunks 1 and 2), chunk 0 opened again
+
+
+def test_a_load_before_the_forward_pass_reads_in_parallel_and_checks_every_layer(tmp_path):
+    # layerwise_load off: the chunks spread over the I/O threads, each layer
+    # checked right after its read
+    w = Worker(tmp_path / "c", shared=False, layerwise_load=False, keep_open=False)
+    w.save("s")
+    w.load("s")  # every block as saved, no error
+    path = tmp_path / "c" / "s" / w.file(1)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF  # the last tensor's last byte
+    path.write_bytes(bytes(data))
+    for n in NAMES:
+        w.kv[n][10:16] = 0
+    ops = [w.op("q", "s", i, [10 + 2 * i, 11 + 2 * i]) for i in range(3)]
+    w.w.start_load(StepPlan(loads=ops), None)
+    # vLLM recomputes from the request's first bad chunk; chunk 0 is in place
+    assert w.w.take_load_errors() == {12, 13}
+    for n in NAMES:
+        assert torch.equal(w.kv[n][10:12], w.kv[n][0:2])

@@ -426,6 +426,41 @@ def test_lookup_is_deferred_while_the_mount_is_slow(tmp_path):
     sched.shutdown()
 
 
+def test_a_slow_mount_delays_a_step_by_one_wait_however_many_requests_arrive(tmp_path):
+    """The scheduler thread waits for lookups out of one budget a step
+    (LOOKUP_WAIT_SECONDS), so a quick mount answers at the first ask while a
+    slow one holds up no step by more than the budget."""
+    import threading
+
+    from kvfs_connector.cachedir import CacheDir
+    from kvfs_connector.scheduler import LOOKUP_WAIT_SECONDS
+
+    gate = threading.Event()
+
+    class SlowDir(CacheDir):
+        def exists(self, session, name):
+            gate.wait()
+            return super().exists(session, name)
+
+    spaces = [space(chunk_size=64)]
+    cache = SlowDir(str(tmp_path), require_kvfs=False)
+    sched = SchedulerSide(Settings(mount=str(tmp_path)), spaces, 32, LOG, cache=cache)
+    infos = [
+        PromptInfo(f"r{i}", list(range(3 + i, 203 + i)), {"kvfs_session": "s"}) for i in range(40)
+    ]
+    t0 = time.perf_counter()
+    for info in infos:
+        assert sched.get_num_new_matched_tokens(info.req_id, 0, lambda i=info: i) == (None, False)
+    assert time.perf_counter() - t0 < 6 * LOOKUP_WAIT_SECONDS  # one wait, not 40
+    sched.build_plan({}, ())  # the step is scheduled: the next one waits afresh
+    t0 = time.perf_counter()
+    assert sched.get_num_new_matched_tokens("r0", 0, lambda: infos[0]) == (None, False)
+    assert time.perf_counter() - t0 >= 0.8 * LOOKUP_WAIT_SECONDS
+    gate.set()
+    assert matched(sched, infos[0]) == 0  # nothing stored: a miss, once the mount answers
+    sched.shutdown()
+
+
 def mode(path) -> int:
     return os.stat(path).st_mode & 0o777
 
