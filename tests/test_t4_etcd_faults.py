@@ -143,7 +143,18 @@ def test_blackhole_across_watch_recreation(pair, proxy):
     results["write-late"] = op("write", m.path / "s" / "during-bh2", "x")
     assert_prompt(results)
     assert_alive(m)
+    # a replace on the other node that this one's watch never sees: once the
+    # watch is back, the name (which the kernel may keep 10 s while the watch
+    # is up) is looked up afresh
+    assert op("write", other.path / "s" / "shared", "while-away")[0] == "ok"
     proxy.set_mode("pass")
+    wait_for(lambda: m.status()["etcd"]["watch"] == "up", 30, 0.2, "the watch up again")
+    wait_for(
+        lambda: op("read", m.path / "s" / "shared")[:2] == ("ok", "while-away"),
+        3,
+        0.2,
+        "a replace made while the watch was down",
+    )
     recovers(m, other, "bh")
 
 

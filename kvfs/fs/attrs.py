@@ -43,8 +43,13 @@ def root_attr(uid: int, gid: int, started_ns: int) -> pyfuse3.EntryAttributes:
     return a
 
 
-def session_attr(node: Node, info: SessionInfo) -> pyfuse3.EntryAttributes:
+def session_attr(
+    node: Node, info: SessionInfo, entry_timeout: float = TIMEOUT
+) -> pyfuse3.EntryAttributes:
+    """ENTRY_TIMEOUT: how long the name may be kept (its removal is watched);
+    the attributes change with every file made in it, unwatched: 1 s."""
     a = _base(node.ino)
+    a.entry_timeout = entry_timeout
     a.st_mode = stat.S_IFDIR | (info.mode & 0o7777)
     a.st_nlink = 2
     a.st_uid, a.st_gid = info.uid, info.gid

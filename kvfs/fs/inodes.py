@@ -163,6 +163,9 @@ class InodeTable:
             return node
         return self.nodes[ino]
 
+    def session_names(self) -> list[str]:
+        return list(self._sessions)
+
     def session_ino(self, session: str) -> int | None:
         return self._sessions.get(session)
 

@@ -135,6 +135,8 @@ class Operations(pyfuse3.Operations):
             sino = self.inodes.session_ino(session)
             if sino is not None:
                 self.kernel.invalidate_entry(sino, name)
+        for session in self.inodes.session_names():
+            self.kernel.invalidate_entry(ROOT, session)
 
     def _forget_name(self, session: str, name: str, keep: str | None = None) -> None:
         """Make the kernel look SESSION/NAME up again at its next use.
@@ -209,7 +211,7 @@ class Operations(pyfuse3.Operations):
                 if info is None:
                     raise NotFound(session)
                 node = self.inodes.session(session)
-                attr = attrs.session_attr(node, info)
+                attr = attrs.session_attr(node, info, self.file_timeout)
             else:
                 parent = self.inodes.get(parent_inode)
                 if not isinstance(parent, SessionNode):
@@ -352,7 +354,7 @@ class Operations(pyfuse3.Operations):
             name, rec = items[i]
             if isinstance(node, RootNode):
                 child = self.inodes.session(name)
-                attr = attrs.session_attr(child, rec)
+                attr = attrs.session_attr(child, rec, self.file_timeout)
             else:
                 child = self.inodes.version(rec)
                 attr = attrs.file_attr(child, rec, self.file_timeout)
