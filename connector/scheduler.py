@@ -61,6 +61,9 @@ class _Req:
     local: int = 0  # tokens vLLM had in its own prefix cache, as last looked up
     saved_chunks: int = 0  # chunks [0, saved_chunks) are stored or being stored
     tail_saved: bool = False
+    # The whole chunk holding the last token (computed, never loaded) is in the
+    # request's session already, as of the last lookup: a hit need not save it.
+    last_stored: bool = False
     pending_load: tuple[int, int] | None = None  # (local tokens, external tokens)
     hit_tokens: int = 0
     miss_tokens: int = 0
@@ -186,6 +189,16 @@ class SchedulerSide:
         if i == st.loadable and start < end + st.tail_tokens:
             if self._exists(st, i, st.tail_link, st.tail_tokens):
                 end += st.tail_tokens
+        # A prompt of whole chunks ends in one that a hit computes the end of:
+        # saved by an earlier request, it would be copied out and written
+        # again (and skipped) at every hit. Only the session's own copy counts:
+        # an index copy is linked into the session by the save.
+        st.last_stored = (
+            i == st.loadable
+            and end == i * self.chunk + st.tail_tokens
+            and len(st.links) > i
+            and all(self.cache.exists(st.session, s.file_name(i, st.links[i])) for s in self.spaces)
+        )
         return end
 
     def _lookup(self, st: _Req | None, info: PromptInfo | None, start: int):
@@ -253,6 +266,8 @@ class SchedulerSide:
             st.block_ids = list(block_ids)
             st.pending_load = (local, num_external_tokens)
             st.saved_chunks = max(st.saved_chunks, end // self.chunk)
+            if st.last_stored and end == st.loadable * self.chunk + st.tail_tokens:
+                st.saved_chunks = max(st.saved_chunks, st.loadable + 1)
             if end % self.chunk:
                 st.tail_saved = True
         if not st.counted:

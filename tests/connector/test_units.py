@@ -15,7 +15,7 @@ from safetensors import safe_open
 
 from kvfs_connector import RetrieveStatus, StoreStatus, init_engine
 from kvfs_connector.chunkfile import ChunkError, ChunkFile, decode_tokens, write_chunk
-from kvfs_connector.keys import KeySpace, derived_session, token_chain, valid_session
+from kvfs_connector.keys import KeySpace, chain, derived_session, token_chain, valid_session
 from kvfs_connector.scheduler import PromptInfo, SchedulerSide
 from kvfs_connector.settings import Settings
 
@@ -194,6 +194,32 @@ def test_scheduler_hits_only_when_every_rank_has_the_chunk(tmp_path):
         (tmp_path / "s" / spaces[1].file_name(i, links[i])).write_bytes(b"")
     assert matched(sched, info, 0) == 128
     assert matched(sched, info, 64) == 64
+
+
+def test_a_hit_does_not_save_again_the_stored_chunk_it_computes_the_end_of(tmp_path):
+    """A prompt of whole chunks: a hit loads all but the last block and
+    computes that; the chunk it ends, stored by an earlier request, is not
+    copied out and written again at every hit."""
+    spaces = [space(chunk_size=64)]
+    sched = scheduler(tmp_path, spaces)
+    sched.bind(lambda req_id: list(range(8)))
+    tokens = list(range(3, 3 + 256))  # four chunks, eight blocks of 32
+    links = token_chain(tokens, 64)
+    (tmp_path / "s").mkdir()
+    for i, link in enumerate(links):
+        (tmp_path / "s" / spaces[0].file_name(i, link)).write_bytes(b"")
+    tail = chain(links[2], tokens[192:224])  # the block before the last token's
+    (tmp_path / "s" / spaces[0].file_name(3, tail, 32)).write_bytes(b"")
+
+    def hit(req):
+        info = PromptInfo(req, tokens, {"kvfs_session": "s"})
+        assert matched(sched, info) == 224
+        sched.update_state_after_alloc(req, list(range(8)), 224)
+        return sched.build_plan({req: (224, 32)})
+
+    assert hit("r1").saves == []
+    os.unlink(tmp_path / "s" / spaces[0].file_name(3, links[3]))
+    assert [op.index for op in hit("r2").saves] == [3]
 
 
 # -- the engine-neutral API -----------------------------------------------------------
