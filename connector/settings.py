@@ -41,6 +41,11 @@ class Settings:
     verify_checksum: bool = True  # CRC-32 every layer on load
     layerwise_load: bool = True  # load in a background thread, layer by layer
     keep_open: bool = True  # keep chunk files open between loads (worker.OpenChunks)
+    # Python's GIL switch interval (seconds) while a CPU load runs beside the
+    # forward pass: vLLM's CPU kernels hold the GIL, and the loader, which needs
+    # it between reads, otherwise waits up to 5 ms (Python's default) each
+    # time. 0 leaves it alone. Restored when the load ends.
+    load_switch_interval: float = 0.0005
     set_xattrs: bool = True  # label chunk files with user.* attributes for getfattr
     max_pending_save_bytes: int = 1 << 30  # beyond this, new saves are dropped, not waited for
     staging_bytes: int = 128 << 20  # warm host buffers kept for copying chunks out
@@ -68,6 +73,13 @@ class Settings:
             elif f.name.endswith("_mode"):
                 value = as_mode(value, f.name)
             known[f.name] = value
+        if "load_switch_interval" in known:
+            try:
+                known["load_switch_interval"] = float(known["load_switch_interval"])
+            except (TypeError, ValueError):
+                raise ValueError("load_switch_interval must be a number of seconds") from None
+            if not 0 <= known["load_switch_interval"] <= 0.1:
+                raise ValueError("load_switch_interval must be between 0 and 0.1 seconds")
         s = cls(**known)
         if s.load_failure_policy not in ("recompute", "fail"):
             raise ValueError("load_failure_policy must be 'recompute' or 'fail'")

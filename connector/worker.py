@@ -12,6 +12,7 @@ import atexit
 import math
 import os
 import queue
+import sys
 import threading
 import time
 import weakref
@@ -426,8 +427,12 @@ class WorkerSide:
             self.mover.stream(self.device).wait_stream(torch.cuda.current_stream(self.device))
         ops = list(plan.loads)
         if self.settings.layerwise_load:
+            switch = None
+            if not self.on_gpu and self.settings.load_switch_interval > 0:
+                switch = sys.getswitchinterval()
+                sys.setswitchinterval(min(switch, self.settings.load_switch_interval))
             self._loader = threading.Thread(
-                target=self._load, args=(ops,), name="kvfs-loader", daemon=True
+                target=self._load, args=(ops, switch), name="kvfs-loader", daemon=True
             )
             self._loader.start()
         else:
@@ -480,8 +485,12 @@ class WorkerSide:
             self._errors.update(op.block_ids[op.skip_blocks :])
             self._poisoned.add(op.req_id)
 
-    def _load(self, ops: list[ChunkOp]) -> None:
-        _StepLoad(self, ops).run()
+    def _load(self, ops: list[ChunkOp], switch: float | None = None) -> None:
+        try:
+            _StepLoad(self, ops).run()
+        finally:
+            if switch is not None:  # the load is done: Python's own again
+                sys.setswitchinterval(switch)
 
     def read_layer(self, f: ChunkFile, op: ChunkOp, layer: str) -> list[memoryview] | None:
         """Read one layer of a chunk into its blocks; returns the bytes still

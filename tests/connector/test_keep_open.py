@@ -122,3 +122,36 @@ def test_a_load_before_the_forward_pass_reads_in_parallel_and_checks_every_layer
     assert w.w.take_load_errors() == {12, 13}
     for n in NAMES:
         assert torch.equal(w.kv[n][10:12], w.kv[n][0:2])
+
+
+def test_a_cpu_load_lowers_the_gil_switch_interval_only_while_it_runs(tmp_path, monkeypatch):
+    # vLLM's CPU kernels hold the GIL; the loader beside them needs it between reads
+    import sys
+
+    import pytest
+
+    from kvfs_connector.settings import Settings
+    from kvfs_connector.worker import WorkerSide
+
+    seen = []
+    read_layer = WorkerSide.read_layer
+
+    def spy(self, *a):
+        seen.append(sys.getswitchinterval())
+        return read_layer(self, *a)
+
+    monkeypatch.setattr(WorkerSide, "read_layer", spy)
+    before = sys.getswitchinterval()
+    w = Worker(tmp_path / "c", shared=False)
+    w.save("s")
+    w.load("s")
+    assert seen and max(seen) <= 0.0005 < before
+    assert sys.getswitchinterval() == before  # Python's own once the load is done
+    seen.clear()
+    Worker(tmp_path / "c", shared=False, load_switch_interval=0).load("s")
+    assert seen and set(seen) == {before}
+    assert (
+        Settings.from_extra_config({"load_switch_interval": "0.001"}).load_switch_interval == 0.001
+    )
+    with pytest.raises(ValueError, match="load_switch_interval"):
+        Settings.from_extra_config({"load_switch_interval": "fast"})
