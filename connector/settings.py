@@ -72,17 +72,17 @@ class Settings:
                 value = as_flag(value, f.name)
             elif f.name.endswith("_mode"):
                 value = as_mode(value, f.name)
+            elif f.type == "float":
+                try:
+                    value = float(value)
+                except (TypeError, ValueError):
+                    raise ValueError(f"{f.name} must be a number, not {value!r}") from None
             known[f.name] = value
-        if "load_switch_interval" in known:
-            try:
-                known["load_switch_interval"] = float(known["load_switch_interval"])
-            except (TypeError, ValueError):
-                raise ValueError("load_switch_interval must be a number of seconds") from None
-            if not 0 <= known["load_switch_interval"] <= 0.1:
-                raise ValueError("load_switch_interval must be between 0 and 0.1 seconds")
         s = cls(**known)
         if s.load_failure_policy not in ("recompute", "fail"):
             raise ValueError("load_failure_policy must be 'recompute' or 'fail'")
+        if not 0 <= s.load_switch_interval <= 0.1:
+            raise ValueError("load_switch_interval must be between 0 and 0.1 seconds")
         return s
 
 

@@ -418,6 +418,10 @@ class WorkerSide:
     def start_load(self, plan: StepPlan, forward_context) -> None:
         if not plan.loads:
             return
+        if self._loader is not None:
+            # the step before's loader, should vLLM not have asked for its
+            # errors yet, ends first (it restores the switch interval)
+            self.finish_load()
         self._ensure_layers(forward_context)
         self._layer_ready = {name: threading.Event() for name in self.kv_caches}
         self._layer_copied = {}

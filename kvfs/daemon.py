@@ -446,7 +446,6 @@ class Daemon:
                         log.warning("etcd watch broke (%s); resuming at revision %s", item, rev)
                         if "Compacted" in type(item).__name__:
                             rev = None
-                        self.ops.coherent = False
                         break
                     for ev in item:
                         rev = ev.revision + 1

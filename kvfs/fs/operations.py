@@ -131,7 +131,7 @@ class Operations(pyfuse3.Operations):
     def forget_all_names(self) -> None:
         """The watch missed events (an outage, a record it could not read):
         names the kernel holds may be stale; make it look each one up again."""
-        for session, name, _ in list(self.inodes.bound_names()):
+        for session, name in {(s, n) for s, n, _ in self.inodes.bound_names()}:
             sino = self.inodes.session_ino(session)
             if sino is not None:
                 self.kernel.invalidate_entry(sino, name)
