@@ -17,6 +17,7 @@ import collections
 import functools
 import heapq
 import logging
+import operator
 import os
 import time
 from collections import Counter
@@ -55,6 +56,7 @@ from .records import Entry, SessionInfo, WatchEvent
 from .store import Store
 
 log = logging.getLogger(__name__)
+_by_name = operator.attrgetter("name")
 
 XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
 USAGE_MAX_AGE = 1.0  # seconds statfs may show the store medium's usage as it was
@@ -410,14 +412,14 @@ class Namespace:
     async def list_entries(self, session: str) -> list[Entry]:
         cached = self.cache.listing(session)
         if cached is not None:
-            return sorted(cached, key=lambda e: e.name)
+            return sorted(cached, key=_by_name)
         info = await self.get_session(session)
         if info is None:
             raise NotFound(f"no session {session}")
         epoch = self.cache.epoch
         entries = await self.call_meta(self.meta.list_entries, session)
         self.cache.fill_listing(session, info, entries, epoch)
-        return sorted(entries, key=lambda e: e.name)
+        return sorted(entries, key=_by_name)
 
     # -- sessions -------------------------------------------------------------------
 

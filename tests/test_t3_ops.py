@@ -201,8 +201,9 @@ def test_a_bug_is_eio_and_the_filesystem_keeps_serving(fs, caplog):
             raise ZeroDivisionError("a bug")
 
         ns.list_entries = broken
+        fh = await ops.opendir(s.st_ino, CTX)
         with pytest.raises(pyfuse3.FUSEError) as e:
-            await ops.readdir(s.st_ino, 0, None)
+            await ops.readdir(fh, 0, None)
         assert e.value.errno == errno.EIO
         assert ops.statistics()["readdir"]["errnos"] == {"EIO": 1}
         assert "internal error in readdir" in caplog.text and "ZeroDivisionError" in caplog.text
@@ -243,11 +244,51 @@ def test_readdir_lists_versions_and_counts_lookups(fs):
         s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
         for name in (b"b", b"a"):
             await write_file(ops, s.st_ino, name, name)
-        await ops.readdir(s.st_ino, 0, None)
+        await ops.readdir(await ops.opendir(s.st_ino, CTX), 0, None)
         names = [n for n, _ in ops.kernel.listed]
         assert names == [b"a", b"b"]
         for _, ino in ops.kernel.listed:
             assert ops.inodes.nodes[ino].lookups == 1
+
+    fs(body)
+
+
+def test_a_directory_stream_resumes_where_it_stopped(fs):
+    """A reply buffer that fills up ends a readdir; the next one resumes at the
+    offset the kernel was given, which must still name the same entries even
+    if files were made meanwhile (each `ls` lists and sorts a session once)."""
+
+    async def body(ops, ns, store):
+        s = await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        for name in (b"b", b"d"):
+            await write_file(ops, s.st_ino, name, name)
+        room = [1]
+
+        def reply(token, name, attr, next_id):
+            if room[0] == 0:
+                return False  # the buffer is full
+            room[0] -= 1
+            ops.kernel.listed.append((name, next_id))
+            return True
+
+        ops.kernel.readdir_reply = reply
+        fh = await ops.opendir(s.st_ino, CTX)
+        await ops.readdir(fh, 0, None)
+        assert ops.kernel.listed == [(b"b", 1)]
+        await write_file(ops, s.st_ino, b"a", b"a")  # sorts first: a new listing would shift
+        room[0] = 10
+        await ops.readdir(fh, 1, None)
+        assert ops.kernel.listed[1:] == [(b"d", 2)]
+        ops.kernel.listed.clear()
+        await ops.readdir(fh, 0, None)  # rewinddir: listed again, the new name in it
+        assert ops.kernel.listed == [(b"a", 1), (b"b", 2), (b"d", 3)]
+        await ops.releasedir(fh)
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.readdir(fh, 0, None)
+        assert e.value.errno == errno.EBADF
+        with pytest.raises(pyfuse3.FUSEError) as e:
+            await ops.opendir((await ops.lookup(s.st_ino, b"a", CTX)).st_ino, CTX)
+        assert e.value.errno == errno.ENOTDIR
 
     fs(body)
 

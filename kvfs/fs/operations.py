@@ -8,6 +8,7 @@ notifications (`kernel`) each have a module; errors cross into FUSE only in
 
 import errno
 import logging
+import operator
 import os
 import stat
 import time
@@ -63,6 +64,19 @@ def _times_or_owner(fields) -> bool:
     )
 
 
+_by_name = operator.attrgetter("name")
+
+
+class _DirStream:
+    """An open directory: its node and, once read, its listing."""
+
+    __slots__ = ("node", "items")
+
+    def __init__(self, node):
+        self.node = node
+        self.items: list[Entry] | list[SessionInfo] | None = None
+
+
 class Operations(pyfuse3.Operations):
     supports_dot_lookup = False
     enable_writeback_cache = False
@@ -93,6 +107,8 @@ class Operations(pyfuse3.Operations):
         self.started = time.time_ns()
         self.inodes = InodeTable()
         self.handles = HandleTable()
+        self._dirs: dict[int, _DirStream] = {}  # open directory streams by handle
+        self._next_dir = 0
         self.op_stats = OpStats()
         self.passthrough = Passthrough(self.kernel, ns, passthrough)
         self.inodes.on_free = self.passthrough.forgotten
@@ -335,36 +351,48 @@ class Operations(pyfuse3.Operations):
 
     @fuse_operation
     async def opendir(self, inode, ctx):
-        if not isinstance(self.inodes.get(inode), RootNode | SessionNode):
+        node = self.inodes.get(inode)
+        if not isinstance(node, RootNode | SessionNode):
             raise pyfuse3.FUSEError(errno.ENOTDIR)
-        return inode
+        self._next_dir += 1
+        self._dirs[self._next_dir] = _DirStream(node)
+        return self._next_dir
 
     @fuse_operation
     async def readdir(self, fh, start_id, token):
-        node = self.inodes.get(fh)
-        if isinstance(node, RootNode):
-            items = [(s.name, s) for s in await self.ns.list_sessions()]
-        else:
-            if start_id == 0:
+        d = self._dirs.get(fh)
+        if d is None:
+            raise pyfuse3.FUSEError(errno.EBADF)
+        node = d.node
+        if start_id == 0 or d.items is None:
+            # the listing is taken at the start (and at a rewinddir) and kept
+            # for the rest of the stream: the offsets the kernel resumes at
+            # name the same entries, and a session of 10,000 files is sorted
+            # once per `ls`, not once per reply buffer
+            if isinstance(node, RootNode):
+                d.items = sorted(await self.ns.list_sessions(), key=_by_name)
+            else:
                 for name in self.inodes.claimed_names(node.session):
                     await self.writes.await_closing(node.session, name)
-            items = [(e.name, e) for e in await self.ns.list_entries(node.session)]
-        items.sort(key=lambda it: it[0])
+                d.items = await self.ns.list_entries(node.session)  # sorted by name
+        items = d.items
+        root = isinstance(node, RootNode)
+        timeout = self.file_timeout
         for i in range(start_id, len(items)):
-            name, rec = items[i]
-            if isinstance(node, RootNode):
-                child = self.inodes.session(name)
-                attr = attrs.session_attr(child, rec, self.file_timeout)
+            rec = items[i]
+            if root:
+                child = self.inodes.session(rec.name)
+                attr = attrs.session_attr(child, rec, timeout)
             else:
                 child = self.inodes.version(rec)
-                attr = attrs.file_attr(child, rec, self.file_timeout)
-            if not self.kernel.readdir_reply(token, name.encode(), attr, i + 1):
+                attr = attrs.file_attr(child, rec, timeout)
+            if not self.kernel.readdir_reply(token, rec.name.encode(), attr, i + 1):
                 break
             self.inodes.looked_up(child)
 
     @fuse_operation
     async def releasedir(self, fh):
-        pass
+        self._dirs.pop(fh, None)
 
     # -- names ------------------------------------------------------------------------
 
