@@ -176,6 +176,7 @@ class Daemon:
                     "failed_commits",
                     "inline_reads",
                     "index_negatives",
+                    "index_hits",
                     "opens_passthrough",
                     "opens_daemon",
                     "scrubbed",

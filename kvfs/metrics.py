@@ -93,6 +93,10 @@ COUNTERS = {
         "kvfs_index_negatives",
         "Lookups of absent names answered from the index without etcd.",
     ),
+    "index_hits": (
+        "kvfs_index_hits",
+        "Lookups the cache missed answered from the watch-fed records without etcd.",
+    ),
 }
 
 

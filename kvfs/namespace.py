@@ -57,6 +57,7 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 _by_name = operator.attrgetter("name")
+_NO_NAMES: dict = {}
 
 XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
 USAGE_MAX_AGE = 1.0  # seconds statfs may show the store medium's usage as it was
@@ -136,6 +137,14 @@ class Namespace:
         self.scrub_state: dict = {"running": False, "done": 0, "total": 0, "quarantined": 0}
         # True while `index` mirrors etcd (loaded, and the watch is up)
         self.index_complete = False
+        # ... and with it every record itself, so that with the watch up no
+        # lookup, getattr or listing asks etcd: each entry by session and name
+        # (the Entry, or the raw JSON and revision a watch event brought,
+        # parsed when asked for), each session with its mtime. Kept as the
+        # index is: the load at mount, this daemon's changes, the watch.
+        self._records: dict[str, dict[str, Entry | tuple[bytes, int]]] = {}
+        self._sessions: dict[str, SessionInfo] = {}
+        self._sessions_changed: dict | None = None  # set while load_index reads etcd
         self._usage = (None, float("-inf"))  # (the store's usage, when asked)
         self._index_changed: dict | None = None  # set while load_index reads etcd
         self._later: list[tuple] = []  # heap of (due, seq, fn, what)
@@ -344,21 +353,39 @@ class Namespace:
         # changes this daemon makes while etcd is read may be missing from
         # what it returns: they are noted and laid over it
         self._index_changed = changed = {}
+        self._sessions_changed = changed_sessions = {}
         try:
+            sessions = await self.call_meta(self.meta.list_sessions)
             entries = await self.call_meta(lambda: list(self.meta.iter_all_entries()))
         finally:
-            self._index_changed = None
+            self._index_changed = self._sessions_changed = None
         self.index, self._name_object, self._object_names = {}, {}, Counter()
+        self._records, self._sessions = {}, {}
         self.used = 0
+        for info in sessions:
+            self._session_set(info.name, info)
+        for name, info in changed_sessions.items():
+            self._session_set(name, info)
         for e in entries:
             self._index_set(e.session, e.name, e)
         for (session, name), entry in changed.items():
             self._index_set(session, name, entry)
         self.index_complete = True
 
-    def _index_set(self, session: str, name: str, entry: Entry | None) -> None:
+    def _index_set(
+        self,
+        session: str,
+        name: str,
+        entry: Entry | None,
+        raw: tuple[bytes, int] | None = None,
+        rev: int = 0,
+    ) -> None:
+        """SESSION/NAME is ENTRY now (None: gone); RAW, when given, is the
+        record as etcd holds it (JSON, revision), kept instead of ENTRY; REV
+        the revision of a watch event (an older one than the record's is late)."""
         if self._index_changed is not None:
             self._index_changed[(session, name)] = entry
+        self._record_set(session, name, None if entry is None else (raw or entry), rev)
         key = (session, name)
         old = self.index.pop(key, None)
         obj = self._name_object.pop(key, None)
@@ -374,13 +401,62 @@ class Namespace:
                 self.used += entry.size
             self._object_names[entry.object] += 1
 
+    def _record_set(self, session: str, name: str, rec: Entry | tuple | None, rev: int) -> None:
+        names = self._records.get(session)
+        old = names.get(name) if names is not None else None
+        if rev and old is not None and (old.rev if isinstance(old, Entry) else old[1]) > rev:
+            return  # a watch event older than what this daemon did since
+        if rec is None:
+            if names is not None:
+                names.pop(name, None)
+                if not names:
+                    del self._records[session]
+            return
+        if names is None:
+            names = self._records[session] = {}
+        names[name] = rec
+
+    def _record(self, session: str, name: str) -> Entry | None:
+        """The entry the records hold for SESSION/NAME (only while index_complete)."""
+        rec = self._records.get(session, _NO_NAMES).get(name)
+        if rec is None or isinstance(rec, Entry):
+            return rec
+        return Entry.from_json(session, name, rec[0], rec[1])
+
+    def _session_set(self, name: str, info: SessionInfo | None) -> None:
+        if self._sessions_changed is not None:
+            self._sessions_changed[name] = info
+        if info is None:
+            self._sessions.pop(name, None)
+        else:
+            self._sessions[name] = info
+
+    def _put_session(self, info: SessionInfo) -> None:
+        self.cache.put_session(info)
+        self._session_set(info.name, info)
+
+    def _drop_session(self, name: str) -> None:
+        self.cache.drop_session(name)
+        self._session_set(name, None)
+
     def apply_event(self, ev: WatchEvent) -> None:
         if ev.kind != "entry":
             self.cache.apply(ev)
+            if ev.kind == "session":
+                info = None
+                if ev.value is not None:
+                    info = SessionInfo.from_json(ev.session, ev.value, ev.revision)
+                    old = self._sessions.get(ev.session)
+                    if old is not None:
+                        info.mtime_ns = old.mtime_ns
+                self._session_set(ev.session, info)
+            elif ev.kind == "mtime" and ev.session in self._sessions:
+                self._sessions[ev.session].mtime_ns = int(ev.value)
             return
         entry = self.cache.event_entry(ev)
         self.cache.apply(ev, entry)
-        self._index_set(ev.session, ev.name, entry)
+        raw = (ev.value, ev.revision) if ev.value is not None else None
+        self._index_set(ev.session, ev.name, entry, raw, ev.revision)
 
     # -- lookups ------------------------------------------------------------------
 
@@ -389,6 +465,10 @@ class Namespace:
         if known:
             return info
         epoch = self.cache.epoch
+        if self.index_complete:
+            info = self._sessions.get(name)
+            self.cache.fill_session(name, info, epoch)
+            return info
         info = await self.call_meta(self.meta.get_session, name)
         self.cache.fill_session(name, info, epoch)
         return info
@@ -401,18 +481,26 @@ class Namespace:
         known, entry = self.cache.lookup_entry(session, name)
         if known:
             return entry
-        if self.index_complete and (session, name) not in self.index:
-            # the watch-fed index knows every name: a new name costs no etcd trip
-            self.counters["index_negatives"] += 1
-            return None
         epoch = self.cache.epoch
+        if self.index_complete:
+            # the watch-fed records know every name: no etcd trip
+            entry = self._record(session, name)
+            if entry is None:
+                self.counters["index_negatives"] += 1
+                return None
+            self.counters["index_hits"] += 1
+            self.cache.fill_entry(session, name, entry, epoch)
+            return entry
         entry = await self.call_meta(self.meta.get_entry, session, name)
         self.cache.fill_entry(session, name, entry, epoch)
         return entry
 
     async def list_sessions(self) -> list[SessionInfo]:
         epoch = self.cache.epoch
-        infos = await self.call_meta(self.meta.list_sessions)
+        if self.index_complete:
+            infos = sorted(self._sessions.values(), key=_by_name)
+        else:
+            infos = await self.call_meta(self.meta.list_sessions)
         for info in infos:
             self.cache.fill_session(info.name, info, epoch)
         return infos
@@ -425,9 +513,29 @@ class Namespace:
         if info is None:
             raise NotFound(f"no session {session}")
         epoch = self.cache.epoch
-        entries = await self.call_meta(self.meta.list_entries, session)
+        if self.index_complete:
+            entries = await self._records_of(session)
+        else:
+            entries = await self.call_meta(self.meta.list_entries, session)
         self.cache.fill_listing(session, info, entries, epoch)
         return sorted(entries, key=_by_name)
+
+    async def _records_of(self, session: str) -> list[Entry]:
+        """Every entry of SESSION from the records: what etcd would list. Many
+        records to parse are parsed on a thread (10,000: ~90 ms), from a copy
+        taken here, so the loop keeps serving and the watch keeps changing
+        the records meanwhile (a listing made while it does is not cached)."""
+        items = list(self._records.get(session, _NO_NAMES).items())
+
+        def parse() -> list[Entry]:
+            return [
+                r if isinstance(r, Entry) else Entry.from_json(session, n, r[0], r[1])
+                for n, r in items
+            ]
+
+        if sum(1 for _, r in items if not isinstance(r, Entry)) < 64:
+            return parse()
+        return await trio.to_thread.run_sync(parse)
 
     # -- sessions -------------------------------------------------------------------
 
@@ -435,12 +543,12 @@ class Namespace:
         now = time.time_ns()
         info = SessionInfo(name, ctime_ns=now, mtime_ns=now, mode=mode, uid=uid, gid=gid)
         await self.call_meta(self.meta.create_session, info)
-        self.cache.put_session(info)
+        self._put_session(info)
         return info
 
     async def rmdir(self, name: str) -> None:
         await self.call_meta(self.meta.delete_session, name)
-        self.cache.drop_session(name)
+        self._drop_session(name)
 
     async def retrying(self, what: str, attempt):
         """Run ATTEMPT (read, change, compare-and-swap) until no Conflict interrupts it."""
@@ -458,7 +566,7 @@ class Namespace:
                 raise NotFound(f"no session {name}")
             mutate(info)
             await self.call_meta(self.meta.update_session, info)
-            self.cache.put_session(info)
+            self._put_session(info)
             return info
 
         return await self.retrying(f"session {name}", attempt)
@@ -1145,7 +1253,7 @@ class Namespace:
                 continue
             try:
                 await self.call_meta(self.meta.delete_session, s.name)
-                self.cache.drop_session(s.name)
+                self._drop_session(s.name)
                 n += 1
             except (NotEmpty, NotFound, Conflict):
                 pass

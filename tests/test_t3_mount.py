@@ -298,6 +298,38 @@ def test_ls_l_does_not_ask_for_labels_and_acls_per_file(kvfs_mount):
     assert asked <= 4, asked
 
 
+def test_a_fresh_mount_answers_names_without_etcd(make_mount):
+    # no etcd on a read path: with the watch up, lookups, listings, getattr and
+    # getxattr are answered from the records the daemon read at mount and the
+    # watch keeps current (another mount's changes too); etcd sees changes only
+    m = make_mount()
+    for sname in ("s", "t"):
+        (m.path / sname).mkdir()
+        for i in range(50):
+            (m.path / sname / f"f{i}").write_bytes(b"x" * i)
+    os.setxattr(m.path / "s" / "f1", "user.tag", b"v")
+    m.umount()
+    m.mount()  # a new daemon: nothing cached
+    wait_for(lambda: m.status()["etcd"]["watch"] == "up", 10, what="the watch")
+    before = m.status()
+    assert sorted(os.listdir(m.path)) == ["s", "t"]
+    assert len(sh("ls", "-l", str(m.path / "s")).stdout.splitlines()) == 51
+    assert os.getxattr(m.path / "s" / "f1", "user.tag") == b"v"
+    assert os.stat(m.path / "t" / "f7").st_size == 7  # never listed: a lookup
+    for missing in (m.path / "t" / "nope", m.path / "u"):
+        with pytest.raises(FileNotFoundError):
+            os.stat(missing)
+    other = make_mount()
+    (other.path / "t" / "new").write_bytes(b"n")
+    (other.path / "v").mkdir()
+    wait_for(lambda: (m.path / "t" / "new").exists(), 5, what="the other mount's file")
+    wait_for(lambda: "v" in os.listdir(m.path), 5, what="the other mount's session")
+    after = m.status()
+    assert after["etcd"]["calls"] == before["etcd"]["calls"]
+    assert after["counters"]["index_hits"] > before["counters"]["index_hits"]
+    assert (m.path / "t" / "new").read_bytes() == b"n"
+
+
 def test_committed_names_stay_in_the_kernel_while_the_watch_is_up(kvfs_mount):
     # the connector stats every chunk file of a prompt at each lookup: names the
     # watch keeps coherent are cached for attrs.FILE_TIMEOUT (10 s), so a stat

@@ -19,7 +19,7 @@ from kvfs.fs import ROOT, Operations
 from kvfs.meta import MemoryMeta
 from kvfs.metacache import MetaCache
 from kvfs.namespace import GROUP_PARALLEL, Namespace
-from kvfs.records import Entry
+from kvfs.records import Entry, SessionInfo, WatchEvent
 from kvfs.store.local import LocalStore
 from kvfs.store.memory import MemoryStore
 
@@ -576,6 +576,56 @@ def test_a_close_gets_the_errno_of_the_commit_it_waited_for(fs):
         assert errnos == [errno.EIO, errno.EIO]
         await ops.release(fi.fh)
         await ops.forget([(attr.st_ino, 1)])
+
+    fs(body)
+
+
+def test_names_are_answered_from_the_watch_fed_records_not_etcd(fs):
+    # what another daemon changes reaches this one as watch events; with the
+    # records complete, no lookup or listing asks etcd (here: the fake raises)
+    async def body(ops, ns, store):
+        await ops.mkdir(ROOT, b"s", 0o755, CTX)
+        await write_file(ops, (await ops.lookup(ROOT, b"s", CTX)).st_ino, b"mine", b"m")
+
+        def etcd(*a, **k):
+            raise AssertionError("a read asked etcd")
+
+        for fn in ("get_entry", "list_entries", "get_session", "list_sessions"):
+            setattr(ns.meta, fn, etcd)
+        theirs = Entry("s", "theirs", size=3, object="o1", xattrs={"user.k": b"v"})
+        rev = 1000
+        for ev in (
+            WatchEvent("session", "t", None, SessionInfo("t").to_json(), rev),
+            WatchEvent("mtime", "t", None, b"123", rev + 1),
+            WatchEvent("entry", "s", "theirs", theirs.to_json(), rev + 2),
+            WatchEvent("entry", "t", "x", Entry("t", "x", size=1).to_json(), rev + 3),
+            WatchEvent("entry", "s", "theirs", Entry("s", "theirs", size=9).to_json(), rev - 5),
+        ):
+            ns.apply_event(ev)  # the last one is late: older than what came before
+        ns.cache.invalidate_all()  # nothing cached: the records answer
+        got = await ns.get_entry("s", "theirs")
+        assert (got.size, got.xattrs, got.rev) == (3, {"user.k": b"v"}, rev + 2)
+        assert [e.name for e in await ns.list_entries("s")] == ["mine", "theirs"]
+        assert [i.name for i in await ns.list_sessions()] == ["s", "t"]
+        assert (await ns.get_session("t")).mtime_ns == 123
+        assert await ns.get_entry("s", "nope") is None
+        ns.apply_event(WatchEvent("entry", "s", "theirs", None, rev + 4))
+        ns.apply_event(WatchEvent("entry", "t", "x", None, rev + 5))
+        ns.apply_event(WatchEvent("session", "t", None, None, rev + 6))
+        ns.cache.invalidate_all()
+        assert await ns.get_entry("s", "theirs") is None
+        assert [e.name for e in await ns.list_entries("s")] == ["mine"]
+        assert await ns.get_session("t") is None
+        assert [i.name for i in await ns.list_sessions()] == ["s"]
+        assert ns.counters["index_hits"] >= 1
+        for i in range(70):  # enough records to parse that a thread does it
+            name = f"n{i:02d}"
+            raw = Entry("s", name, size=i).to_json()
+            ns.apply_event(WatchEvent("entry", "s", name, raw, rev + 10 + i))
+        ns.cache.invalidate_all()
+        listed = await ns.list_entries("s")
+        assert [e.name for e in listed] == ["mine"] + [f"n{i:02d}" for i in range(70)]
+        assert (listed[-1].size, listed[-1].rev) == (69, rev + 79)
 
     fs(body)
 
