@@ -12,6 +12,10 @@ a plain directory on the same medium:
   right after a fresh mount (nothing cached) and again warm;
 - `stat` per second over those files.
 
+The new-files workload also runs through tests/ptfs.py, a minimal pyfuse3
+passthrough filesystem (no etcd, no commit, no checksum) on the same medium:
+the floor a Python FUSE daemon sets here, beside what kvfs adds to it.
+
   .venv/bin/python tools/bench_meta.py
   .venv/bin/python tools/bench_meta.py --files 2000 --listing 10000 --writers 1,8
 """
@@ -28,6 +32,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_fs import Mount, default_kvfs  # noqa: E402
+from benchlib import tree_cpu  # noqa: E402
 
 
 def write_new_files(paths: list[str], data: bytes, writers: int) -> float:
@@ -55,6 +60,34 @@ def write_new_files(paths: list[str], data: bytes, writers: int) -> float:
     if errors:
         raise errors[0]
     return time.perf_counter() - t0
+
+
+def ptfs_rate(medium: str, data: bytes, files: int, writers: int) -> tuple[float, float]:
+    """New files per second through tests/ptfs.py over a directory on MEDIUM,
+    and its daemon's CPU per file: what pyfuse3 and trio cost with nothing
+    of kvfs's own (no etcd, no commit, no checksum)."""
+    src = tempfile.mkdtemp(prefix="kvfs-meta-ptfs-", dir=medium)
+    mnt = tempfile.mkdtemp(prefix="kvfs-meta-ptfs-mnt-")
+    ptfs = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "ptfs.py")
+    proc = subprocess.Popen([sys.executable, ptfs, src, mnt])
+    try:
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("tests/ptfs.py did not mount")
+            time.sleep(0.05)
+        paths = [os.path.join(mnt, f"f{i:06d}") for i in range(files)]
+        cpu0 = tree_cpu(proc.pid)
+        took = write_new_files(paths, data, writers)
+        return files / took, (tree_cpu(proc.pid) - cpu0) * 1000 / files
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        shutil.rmtree(src, ignore_errors=True)
+        shutil.rmtree(mnt, ignore_errors=True)
 
 
 def ls_l(path: str) -> float:
@@ -90,6 +123,9 @@ def main(argv=None) -> int:
     p.add_argument("--listing", type=int, default=10_000, help="files in the listed session")
     p.add_argument("--kvfs", default=default_kvfs())
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    p.add_argument(
+        "--no-ptfs", action="store_true", help="skip the minimal pyfuse3 filesystem's anchor"
+    )
     a = p.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="kvfs-meta-", dir=a.medium)
@@ -123,6 +159,8 @@ def main(argv=None) -> int:
                     # etcd, per file; against the machine's cores it bounds the rate
                     rates["daemon+etcd CPU ms/file"] = (m.cpu() - cpu0) * 1000 / a.files
                 shutil.rmtree(d)
+            if not a.no_ptfs:
+                rates["ptfs"], rates["ptfs CPU ms/file"] = ptfs_rate(a.medium, data, a.files, w)
             results[f"new files/s, {w} writers"] = rates
             per_file = rates["daemon+etcd CPU ms/file"]
             say(
@@ -131,6 +169,12 @@ def main(argv=None) -> int:
                 f"daemon+etcd {per_file:.2f} ms CPU a file (1,000/s would take "
                 f"{per_file:.1f} of {os.cpu_count()} cores)"
             )
+            if not a.no_ptfs:
+                say(
+                    f"  the same through tests/ptfs.py (minimal pyfuse3, passthrough): "
+                    f"{rates['ptfs']:,.0f}/s, its daemon {rates['ptfs CPU ms/file']:.2f} ms CPU "
+                    f"a file; kvfs {rates['mount'] / rates['ptfs']:.2f}x of it"
+                )
 
         for root in (direct, mnt):
             make_listing(os.path.join(root, "big"), a.listing)
