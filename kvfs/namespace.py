@@ -59,6 +59,12 @@ log = logging.getLogger(__name__)
 _by_name = operator.attrgetter("name")
 _NO_NAMES: dict = {}
 
+
+def _parsed(session: str, name: str, rec) -> Entry:
+    """A record kept by Namespace: an Entry, or a watch event's (JSON, revision)."""
+    return rec if isinstance(rec, Entry) else Entry.from_json(session, name, rec[0], rec[1])
+
+
 XATTR_TOTAL_MAX = 2048  # bytes of names + values per file, like one ext4 block
 USAGE_MAX_AGE = 1.0  # seconds statfs may show the store medium's usage as it was
 DELETE_GRACE = 2.0  # seconds a replaced or removed object stays readable
@@ -419,9 +425,7 @@ class Namespace:
     def _record(self, session: str, name: str) -> Entry | None:
         """The entry the records hold for SESSION/NAME (only while index_complete)."""
         rec = self._records.get(session, _NO_NAMES).get(name)
-        if rec is None or isinstance(rec, Entry):
-            return rec
-        return Entry.from_json(session, name, rec[0], rec[1])
+        return None if rec is None else _parsed(session, name, rec)
 
     def _session_set(self, name: str, info: SessionInfo | None) -> None:
         if self._sessions_changed is not None:
@@ -528,10 +532,7 @@ class Namespace:
         items = list(self._records.get(session, _NO_NAMES).items())
 
         def parse() -> list[Entry]:
-            return [
-                r if isinstance(r, Entry) else Entry.from_json(session, n, r[0], r[1])
-                for n, r in items
-            ]
+            return [_parsed(session, n, r) for n, r in items]
 
         if sum(1 for _, r in items if not isinstance(r, Entry)) < 64:
             return parse()
